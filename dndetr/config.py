@@ -1,0 +1,269 @@
+"""Structured-config schemas: one dataclass per Hydra config group.
+
+OmegaConf checks types and unknown keys when Hydra composes the config. Value ranges are checked in
+``__post_init__``, which runs when :func:`validate` turns the composed config into these objects (before any
+training starts), so every bad value fails with one line naming the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake: reported as one line, no traceback."""
+
+
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def check_choice(key: str, value: Any, choices: tuple) -> None:
+    check(value in choices, key, value, "must be one of " + ", ".join(map(str, choices)))
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"
+    dilation: bool = False  # DC5: dilate the last stage (stride 16 instead of 32)
+    weights: Optional[str] = None  # local torchvision ResNet state dict; nothing is ever downloaded
+    frozen_bn: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice("model.backbone.name", self.name, ("resnet18", "resnet34", "resnet50", "resnet101"))
+
+
+@dataclass
+class ModelConfig:
+    name: str = "detr"
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    activation: str = "relu"
+    num_queries: int = 100
+    aux_loss: bool = True
+    pe_temperature: float = 10000.0  # image positional encoding; DAB-DETR uses 20
+    num_patterns: int = 0  # DAB-DETR only
+    random_refpoints_xy: bool = False  # DAB-DETR only
+    num_select: int = 100  # detections kept per image by the post-processor
+    # losses (the matcher's costs live in the matcher group)
+    class_loss: str = "ce"  # "ce": softmax + no-object class (DETR); "focal": sigmoid focal (Conditional, DAB)
+    loss_class: float = 1.0
+    loss_bbox: float = 5.0
+    loss_giou: float = 2.0
+    eos_coef: float = 0.1
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    init_from: Optional[str] = None  # our checkpoint or an official .pth, loaded strictly
+
+    def __post_init__(self) -> None:
+        check_choice("model.name", self.name, ("detr", "conditional", "dab"))
+        check_choice("model.activation", self.activation, ("relu", "prelu", "gelu"))
+        check_choice("model.class_loss", self.class_loss, ("ce", "focal"))
+        for key in ("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "num_select"):
+            check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
+        check(self.hidden_dim % self.nheads == 0, "model.hidden_dim", self.hidden_dim, "must be divisible by model.nheads")
+        check(self.hidden_dim % 2 == 0, "model.hidden_dim", self.hidden_dim, "must be even (sine encoding)")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+        check(self.num_patterns >= 0, "model.num_patterns", self.num_patterns, "must be >= 0")
+        check(self.pe_temperature > 0, "model.pe_temperature", self.pe_temperature, "must be > 0")
+        for key in ("loss_class", "loss_bbox", "loss_giou", "eos_coef"):
+            check(getattr(self, key) >= 0, f"model.{key}", getattr(self, key), "must be >= 0")
+        check(0.0 <= self.focal_alpha <= 1.0, "model.focal_alpha", self.focal_alpha, "must be in [0, 1]")
+
+
+@dataclass
+class MatcherConfig:
+    cost_class: float = 1.0
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    class_cost: str = "softmax"  # "softmax": -p[class] (DETR); "focal": focal-loss difference (Conditional, DAB)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_choice("matcher.class_cost", self.class_cost, ("softmax", "focal"))
+        for key in ("cost_class", "cost_bbox", "cost_giou"):
+            check(getattr(self, key) >= 0, f"matcher.{key}", getattr(self, key), "must be >= 0")
+        costs = (self.cost_class, self.cost_bbox, self.cost_giou)
+        check(any(c > 0 for c in costs), "matcher.cost_class/cost_bbox/cost_giou", costs, "at least one cost must be > 0")
+
+
+@dataclass
+class DNConfig:
+    groups: int = 0  # 0 turns denoising off exactly
+    box_noise: float = 0.4  # sets both center_shift (lambda1) and box_scale (lambda2) unless they are given
+    center_shift: Optional[float] = None
+    box_scale: Optional[float] = None
+    label_noise: float = 0.2
+    attn_mask: bool = True
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check(self.groups >= 0, "dn.groups", self.groups, "must be an integer >= 0 (0 = off)")
+        check(0.0 <= self.box_noise < 1.0, "dn.box_noise", self.box_noise, "must be in [0, 1)")
+        for key in ("center_shift", "box_scale"):
+            value = getattr(self, key)
+            check(value is None or 0.0 <= value < 1.0, f"dn.{key}", value, "must be null or in [0, 1)")
+        check(0.0 <= self.label_noise <= 1.0, "dn.label_noise", self.label_noise, "must be in [0, 1]")
+        check(self.loss_weight >= 0, "dn.loss_weight", self.loss_weight, "must be >= 0")
+
+    @property
+    def lambda1(self) -> float:
+        return self.box_noise if self.center_shift is None else self.center_shift
+
+    @property
+    def lambda2(self) -> float:
+        return self.box_noise if self.box_scale is None else self.box_scale
+
+
+@dataclass
+class SyntheticConfig:
+    num_train: int = 400
+    num_val: int = 100
+    image_size: int = 128
+    num_classes: int = 3  # category ids 1..num_classes
+    min_objects: int = 0
+    max_objects: int = 10
+    min_size: float = 0.1  # object side as a fraction of the image side
+    max_size: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("num_train", "num_val", "image_size", "num_classes"):
+            check(getattr(self, key) >= 1, f"data.synthetic.{key}", getattr(self, key), "must be >= 1")
+        check(0 <= self.min_objects <= self.max_objects, "data.synthetic.max_objects", self.max_objects,
+              "must be >= data.synthetic.min_objects >= 0")
+        check(0 < self.min_size <= self.max_size <= 1, "data.synthetic.max_size", self.max_size,
+              "need 0 < min_size <= max_size <= 1")
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # "synthetic" (built in, generated once into root) or "coco" (any COCO-layout root)
+    root: str = ".cache/synthetic"
+    train_split: str = "train2017"  # COCO layout: <root>/<split>/ images, <root>/annotations/instances_<split>.json
+    val_split: str = "val2017"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # DETR augmentation, scalable for CPU runs: shorter side drawn from train_scales, longer side <= max_size
+    train_scales: List[int] = field(default_factory=lambda: list(range(480, 801, 32)))
+    max_size: int = 1333
+    crop: bool = True  # the resize -> random crop -> resize branch (taken with probability 0.5)
+    crop_resize: List[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_min: int = 384
+    crop_max: int = 600
+    hflip: bool = True
+    val_size: int = 800
+    batch_size: int = 2
+    val_batch_size: int = 2
+    num_workers: int = 2
+    max_train_images: Optional[int] = None  # use only the first N images (overfit tests, smoke runs)
+    max_val_images: Optional[int] = None
+    val_on_train: bool = False  # evaluate on the (unaugmented) training images
+
+    def __post_init__(self) -> None:
+        check_choice("data.name", self.name, ("synthetic", "coco"))
+        check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
+        check(self.val_batch_size >= 1, "data.val_batch_size", self.val_batch_size, "must be >= 1")
+        check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        check(len(self.train_scales) > 0 and min(self.train_scales) >= 1, "data.train_scales", self.train_scales,
+              "must be a non-empty list of positive sizes")
+        check(self.max_size >= 1 and self.val_size >= 1, "data.max_size", self.max_size, "sizes must be >= 1")
+        check(1 <= self.crop_min <= self.crop_max, "data.crop_min", self.crop_min, "need 1 <= crop_min <= crop_max")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5  # 0 freezes the whole backbone
+    weight_decay: float = 1e-4
+    lr_drop: int = 200  # StepLR step, in epochs
+    lr_gamma: float = 0.1
+    clip_max_norm: float = 0.1  # 0 disables clipping
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        check(self.lr_backbone >= 0, "optim.lr_backbone", self.lr_backbone, "must be >= 0")
+        check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        check(self.lr_drop >= 1, "optim.lr_drop", self.lr_drop, "must be >= 1")
+        check(0 < self.lr_gamma <= 1, "optim.lr_gamma", self.lr_gamma, "must be in (0, 1]")
+        check(self.clip_max_norm >= 0, "optim.clip_max_norm", self.clip_max_norm, "must be >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 300
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = False  # bf16/fp16 autocast with a grad scaler, GPU only
+    eval_every: int = 1  # epochs; the last epoch is always evaluated
+    checkpoint_every_iters: int = 0  # extra mid-epoch checkpoints; 0 = only at epoch ends
+    progress: bool = True
+    threads: int = 0  # torch intra-op threads on CPU; 0 = torch default
+    eval_only: bool = False  # evaluate model.init_from (or the run's checkpoint) and exit
+    resume: bool = True  # continue from <run dir>/checkpoint_last.pt when it exists
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1")
+        check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        check(self.eval_every >= 1, "trainer.eval_every", self.eval_every, "must be >= 1")
+        check(self.checkpoint_every_iters >= 0, "trainer.checkpoint_every_iters", self.checkpoint_every_iters, "must be >= 0")
+        check(self.threads >= 0, "trainer.threads", self.threads, "must be >= 0")
+
+
+@dataclass
+class InstabilityConfig:
+    enabled: bool = True
+    every: int = 1  # epochs
+    split: str = "val"  # val | train (the unaugmented training images)
+    max_images: Optional[int] = None
+    all_layers: bool = False  # also record every intermediate decoder layer
+
+    def __post_init__(self) -> None:
+        check(self.every >= 1, "instability.every", self.every, "must be >= 1")
+        check_choice("instability.split", self.split, ("val", "train"))
+        check(self.max_images is None or self.max_images >= 1, "instability.max_images", self.max_images,
+              "must be null or >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    dn: DNConfig = field(default_factory=DNConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    instability: InstabilityConfig = field(default_factory=InstabilityConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.class_loss == "focal" and self.matcher.class_cost != "focal":
+            raise ConfigError(f"matcher.class_cost={self.matcher.class_cost!r} is invalid: model.class_loss=focal "
+                              "needs matcher=focal")
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, node in (("model", ModelConfig), ("matcher", MatcherConfig), ("dn", DNConfig), ("data", DataConfig),
+                        ("optim", OptimConfig), ("trainer", TrainerConfig), ("instability", InstabilityConfig)):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Instantiate the schemas (running every range check); raises ConfigError with a one-line message."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # OmegaConf type errors: keep only their first line
+        raise ConfigError(str(err).splitlines()[0]) from None

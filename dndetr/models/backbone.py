@@ -1,0 +1,52 @@
+"""ResNet backbone with frozen batch norm, as in DETR: only C5 is used, the stem and layer1 stay frozen."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops import FrozenBatchNorm2d
+
+from ..config import BackboneConfig, ConfigError
+
+
+def load_resnet_weights(resnet: nn.Module, path: str) -> None:
+    """Load a local torchvision ResNet state dict (e.g. resnet50-0676ba61.pth); the classifier is ignored."""
+    if not Path(path).is_file():
+        raise ConfigError(f"model.backbone.weights={path!r} is invalid: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"model.backbone.weights={path!r} is invalid: not a readable state dict ({err})") from None
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise ConfigError(f"model.backbone.weights={path!r} is invalid: {len(missing)} missing keys "
+                          f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})")
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: BackboneConfig, train_backbone: bool = True):
+        super().__init__()
+        if cfg.dilation and cfg.name in ("resnet18", "resnet34"):
+            raise ConfigError(f"model.backbone.dilation=True is invalid for {cfg.name}: DC5 needs resnet50/101")
+        norm = FrozenBatchNorm2d if cfg.frozen_bn else nn.BatchNorm2d
+        resnet = getattr(torchvision.models, cfg.name)(weights=None, norm_layer=norm,
+                                                       replace_stride_with_dilation=[False, False, cfg.dilation])
+        if cfg.weights:
+            load_resnet_weights(resnet, cfg.weights)
+        for name, param in resnet.named_parameters():
+            trainable = train_backbone and any(stage in name for stage in ("layer2", "layer3", "layer4"))
+            param.requires_grad_(trainable)
+        self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
+        self.num_channels = 512 if cfg.name in ("resnet18", "resnet34") else 2048
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor):
+        features = self.body(images)["0"]
+        mask = F.interpolate(masks[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
+        return features, mask

@@ -1,0 +1,186 @@
+"""Transformer pieces shared by the three models. Tensors are batch-first: [B, N, d].
+
+Encoder layers and DETR's decoder layer use nn.MultiheadAttention (packed in_proj, as in the official DETR). The
+conditional decoder layer (Conditional DETR, DAB-DETR) projects queries and keys explicitly so that content and
+spatial parts can be concatenated per head; its attention therefore has an output projection only.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import MLP
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> MLP:
+    """DETR's MLP (Linear-ReLU-...-Linear). torchvision's MLP puts its Linears at indices 0, 3, 6, ..."""
+    return MLP(in_dim, [hidden_dim] * (num_layers - 1) + [out_dim], activation_layer=nn.ReLU)
+
+
+def mlp_last_linear(module: MLP) -> nn.Linear:
+    return [m for m in module if isinstance(m, nn.Linear)][-1]
+
+
+def inverse_sigmoid(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    x = x.clamp(0, 1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def activation_module(name: str) -> nn.Module:
+    # PReLU carries one learnable scalar per layer (DAB-DETR); relu/gelu have no parameters.
+    return {"relu": nn.ReLU, "prelu": nn.PReLU, "gelu": nn.GELU}[name]()
+
+
+class FeedForward(nn.Module):
+    """The post-norm FFN block; attribute names follow the official checkpoints (linear1, linear2, activation)."""
+
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float, activation: str):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.activation = activation_module(activation)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout_out = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout_out(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, activation: str):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, src, padding_mask, pos):
+        q = k = src + pos
+        src = self.norm1(src + self.dropout(self.self_attn(q, k, src, key_padding_mask=padding_mask,
+                                                             need_weights=False)[0]))
+        return self.norm2(src + self.ffn(src))
+
+
+class Encoder(nn.Module):
+    """Post-norm encoder. With ``scale_pos`` (DAB-DETR) the image PE is rescaled by an MLP of the running content."""
+
+    def __init__(self, layer: EncoderLayer, num_layers: int, d_model: int, scale_pos: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.query_scale = mlp(d_model, d_model, d_model, 2) if scale_pos else None
+
+    def forward(self, src, padding_mask, pos):
+        for layer in self.layers:
+            layer_pos = pos if self.query_scale is None else pos * self.query_scale(src)
+            src = layer(src, padding_mask, layer_pos)
+        return src
+
+
+class DetrDecoderLayer(nn.Module):
+    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, activation: str):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
+        self.multihead_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
+        self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, tgt, memory, padding_mask, pos, query_pos, self_attn_mask=None):
+        q = k = tgt + query_pos
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt, attn_mask=self_attn_mask,
+                                                             need_weights=False)[0]))
+        attended = self.multihead_attn(tgt + query_pos, memory + pos, memory, key_padding_mask=padding_mask,
+                                       need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout2(attended))
+        return self.norm3(tgt + self.ffn(tgt))
+
+
+class ProjectedAttention(nn.Module):
+    """Multi-head attention over already-projected q, k, v (Conditional DETR's attention has no in-projection)."""
+
+    def __init__(self, out_dim: int, nheads: int, dropout: float):
+        super().__init__()
+        self.nheads = nheads
+        self.dropout = dropout
+        self.out_proj = nn.Linear(out_dim, out_dim)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, q, k, v, attn_mask=None, padding_mask=None):
+        B, Nq, Nk, h = q.shape[0], q.shape[1], k.shape[1], self.nheads
+        q, k, v = (t.view(B, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
+        # SDPA's boolean mask marks what may be attended, the opposite of nn.MultiheadAttention's convention.
+        allowed = None
+        if attn_mask is not None:
+            allowed = ~attn_mask[None, None]
+        if padding_mask is not None:
+            keep = ~padding_mask[:, None, None, :]
+            allowed = keep if allowed is None else allowed & keep
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(B, Nq, -1))
+
+
+def concat_per_head(content: torch.Tensor, spatial: torch.Tensor, nheads: int) -> torch.Tensor:
+    """[B,N,d] x2 -> [B,N,2d] laid out head by head, so each head's dot product is content.content + spatial.spatial."""
+    B, N, d = content.shape
+    return torch.cat((content.view(B, N, nheads, -1), spatial.view(B, N, nheads, -1)), dim=-1).view(B, N, 2 * d)
+
+
+class ConditionalDecoderLayer(nn.Module):
+    """Conditional DETR's decoder layer (also DAB-DETR's). ``query_pos`` feeds self-attention and, in the first
+    layer only, the cross-attention query; ``query_sine`` is the spatial query concatenated per head."""
+
+    def __init__(self, d_model: int, nheads: int, dim_feedforward: int, dropout: float, activation: str,
+                 first: bool):
+        super().__init__()
+        self.nheads = nheads
+        linear = lambda: nn.Linear(d_model, d_model)  # noqa: E731
+        self.sa_qcontent_proj, self.sa_qpos_proj, self.sa_kcontent_proj = linear(), linear(), linear()
+        self.sa_kpos_proj, self.sa_v_proj = linear(), linear()
+        self.self_attn = ProjectedAttention(d_model, nheads, dropout)
+        self.ca_qcontent_proj, self.ca_kcontent_proj, self.ca_kpos_proj = linear(), linear(), linear()
+        self.ca_v_proj, self.ca_qpos_sine_proj = linear(), linear()
+        # Only the first layer adds the positional query to the content query (absent from later layers' weights).
+        self.ca_qpos_proj = linear() if first else None
+        self.cross_attn = ProjectedAttention(d_model, nheads, dropout)
+        self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
+        self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
+
+    def forward(self, tgt, memory, padding_mask, pos, query_pos, query_sine, self_attn_mask=None):
+        q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
+        k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
+        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, self.sa_v_proj(tgt), attn_mask=self_attn_mask)))
+
+        q_content, k_content = self.ca_qcontent_proj(tgt), self.ca_kcontent_proj(memory)
+        k_pos = self.ca_kpos_proj(pos)
+        if self.ca_qpos_proj is not None:
+            q_content = q_content + self.ca_qpos_proj(query_pos)
+            k_content = k_content + k_pos
+        q = concat_per_head(q_content, self.ca_qpos_sine_proj(query_sine), self.nheads)
+        k = concat_per_head(k_content, k_pos, self.nheads)
+        attended = self.cross_attn(q, k, self.ca_v_proj(memory), padding_mask=padding_mask)
+        tgt = self.norm2(tgt + self.dropout2(attended))
+        return self.norm3(tgt + self.ffn(tgt))
+
+
+def xavier_init(*modules: nn.Module) -> None:
+    """DETR initialises every transformer weight matrix with xavier_uniform_ (heads keep PyTorch defaults)."""
+    for module in modules:
+        for p in module.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+
+class DecoderStack(nn.Module):
+    """Decoder layers plus the final LayerNorm applied to every layer's output (DETR's intermediate outputs).
+    Models attach their own query heads to it (query_scale, ref_point_head, ...) to keep the official key layout."""
+
+    def __init__(self, layers, d_model: int):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(d_model)
