@@ -1,0 +1,119 @@
+"""Cost of query denoising in a DAB-DETR training step.
+
+Two measures, in one run:
+
+- bookkeeping share: the time inside ``Denoising.prepare`` (noise, label embedding, query assembly, attention
+  mask), ``Denoising.split`` and ``SetCriterion.dn_losses``, measured by wrapping them, over the whole step time.
+  This is their forward time only; the backward of the few index/embedding ops they add is inside loss.backward().
+- total step time at each number of DN groups against the same model without DN. The difference minus the
+  bookkeeping is what the extra decoder queries (groups x the batch's largest object count) cost.
+
+All configurations share one batch (COCO-like: 7 objects per image on average) and are timed round-robin, one
+step each per repeat, so that outside load hits them equally.
+
+    python benchmarks/bench_dn.py --groups 1,5,10 --repeats 3 --json dn.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (Stopwatch, build_ours, environment, make_batch, make_optimizer, median,  # noqa: E402
+                               our_step, patched, timed, write_json)
+from dndetr.criterion import SetCriterion  # noqa: E402
+from dndetr.dn import Denoising  # noqa: E402
+from dndetr.matcher import HungarianMatcher  # noqa: E402
+
+
+def run(args) -> dict:
+    images, masks, targets = make_batch(args.batch, args.size, args.objects, args.device)
+    configs = {}
+    for groups in [0] + args.groups:
+        torch.manual_seed(0)  # the same initial weights for every configuration
+        model, criterion = build_ours(args.model, args.device, dn_groups=groups)
+        model.train()
+        configs[groups] = (model, criterion, make_optimizer(model))
+
+    dn_watch, match_watch = Stopwatch(args.device), Stopwatch(args.device)
+    step = {g: [] for g in configs}
+    bookkeeping = {g: [] for g in configs}
+    matching = {g: [] for g in configs}
+    with patched(Denoising, "prepare", dn_watch), patched(Denoising, "split", dn_watch, static=True), \
+            patched(SetCriterion, "dn_losses", dn_watch), patched(HungarianMatcher, "__call__", match_watch):
+        for i in range(args.warmup + args.repeats):
+            for groups, (model, criterion, optimizer) in configs.items():
+                torch.manual_seed(i)  # the same DN noise for every configuration with the same group count
+                elapsed = timed(lambda: our_step(model, criterion, optimizer, images, masks, targets), args.device)
+                dn_time, match_time = dn_watch.take(), match_watch.take()
+                if i >= args.warmup:
+                    step[groups].append(elapsed)
+                    bookkeeping[groups].append(dn_time)
+                    matching[groups].append(match_time)
+
+    base = median(step[0])
+    rows = []
+    for groups in configs:
+        step_s, dn_s = median(step[groups]), median(bookkeeping[groups])
+        rows.append({
+            "groups": groups,
+            "dn_queries": groups * max(len(t["labels"]) for t in targets),
+            "step_s": step_s,
+            "step_vs_no_dn": step_s / base,
+            "dn_bookkeeping_s": dn_s,
+            "dn_bookkeeping_share": median([d / s for d, s in zip(bookkeeping[groups], step[groups])]),
+            "extra_queries_s": step_s - base - dn_s,
+            "matching_s": median(matching[groups]),
+            "step_all_s": step[groups],
+            "dn_bookkeeping_all_s": bookkeeping[groups],
+        })
+    return {"model": args.model, "rows": rows}
+
+
+def print_table(result) -> None:
+    print(f"{'groups':>6}{'DN queries':>12}{'step':>10}{'vs no DN':>10}{'DN bookkeeping':>16}{'share':>8}"
+          f"{'extra queries':>15}{'matching':>10}")
+    for r in result["rows"]:
+        print(f"{r['groups']:>6}{r['dn_queries']:>12}{r['step_s']:>9.3f}s{r['step_vs_no_dn']:>9.3f}x"
+              f"{1000 * r['dn_bookkeeping_s']:>13.1f}ms{100 * r['dn_bookkeeping_share']:>7.2f}%"
+              f"{r['extra_queries_s']:>14.3f}s{1000 * r['matching_s']:>8.1f}ms")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("detr", "conditional", "dab"), default="dab")
+    parser.add_argument("--groups", default="1,5,10", help="comma-separated DN group counts (compared with 0)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--objects", type=int, default=7, help="mean boxes per image (COCO: about 7)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    try:
+        args.groups = sorted({int(g) for g in args.groups.split(",") if g.strip()})
+    except ValueError:
+        parser.error(f"--groups={args.groups!r}: use comma-separated integers >= 1")
+    if not args.groups or min(args.groups) < 1:
+        parser.error(f"--groups={args.groups!r}: use comma-separated integers >= 1")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    torch.set_num_threads(args.threads)
+
+    result = run(args)
+    print_table(result)
+    if args.json:
+        write_json(args.json, {"environment": environment(args.threads, args.device), "args": vars(args),
+                               "command": " ".join(sys.argv), "result": result})
+
+
+if __name__ == "__main__":
+    main()

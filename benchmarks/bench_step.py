@@ -1,0 +1,132 @@
+"""Training-step and inference time of our DETR / Conditional DETR / DAB-DETR against transformers' models.
+
+For each model family both implementations are built with the same bench config (benchmarks/common.py) and timed
+in the same process, alternating ours and the peer repeat by repeat so that load from other processes hits both.
+A training step is forward + loss + backward + clip + AdamW step; inference is one eval-mode forward under no_grad
+(no post-processing). The time spent in Hungarian matching is measured inside the step by wrapping the matchers.
+
+    python benchmarks/bench_step.py --models detr,conditional,dab --repeats 5 --size 384 --device cpu --json out.json
+
+Outputs are not compared: transformers' DETR and Conditional DETR decoders normalise their running hidden state
+when auxiliary_loss=True (the official models do not), so only speed is comparable.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (Stopwatch, build_ours, build_peer, environment, make_batch, make_optimizer,  # noqa: E402
+                               median, our_step, parse_names, patched, peer_step, timed, write_json)
+from dndetr.matcher import HungarianMatcher  # noqa: E402
+
+
+def peer_matchers():
+    """transformers' matcher classes whose ``forward`` runs the assignment (DETR's; Conditional/DAB's subclass)."""
+    from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher
+    from transformers.loss.loss_for_object_detection import HungarianMatcher as DetrHungarianMatcher
+    return DetrHungarianMatcher, DeformableDetrHungarianMatcher
+
+
+def bench_model(name: str, args) -> dict:
+    torch.manual_seed(0)
+    images, masks, targets = make_batch(args.batch, args.size, args.objects, args.device)
+    ours, criterion = build_ours(name, args.device)
+    peer = build_peer(name, args.device, args.match_dropout)
+    our_opt, peer_opt = make_optimizer(ours), make_optimizer(peer)
+    runs = {
+        "ours": lambda: our_step(ours, criterion, our_opt, images, masks, targets),
+        "peer": lambda: peer_step(peer, peer_opt, images, masks, targets),
+    }
+    step = {"ours": [], "peer": []}
+    matching = {"ours": [], "peer": []}
+    ours_watch, peer_watch = Stopwatch(args.device), Stopwatch(args.device)
+    detr_matcher, deformable_matcher = peer_matchers()
+    watches = {"ours": ours_watch, "peer": peer_watch}
+    ours.train(), peer.train()
+    with patched(HungarianMatcher, "__call__", ours_watch), patched(detr_matcher, "forward", peer_watch), \
+            patched(deformable_matcher, "forward", peer_watch):
+        for i in range(args.warmup + args.repeats):
+            for who, run in runs.items():
+                elapsed, matched = timed(run, args.device), watches[who].take()
+                if i >= args.warmup:
+                    step[who].append(elapsed)
+                    matching[who].append(matched)
+
+    infer = {"ours": [], "peer": []}
+    forwards = {
+        "ours": lambda: ours(images, masks),
+        "peer": lambda: peer(pixel_values=images, pixel_mask=(~masks).long()),
+    }
+    ours.eval(), peer.eval()
+    with torch.no_grad():
+        for i in range(args.warmup + args.repeats):
+            for who, forward in forwards.items():
+                elapsed = timed(forward, args.device)
+                if i >= args.warmup:
+                    infer[who].append(elapsed)
+
+    result = {"model": name}
+    for who in ("ours", "peer"):
+        result[f"step_{who}_s"] = median(step[who])
+        result[f"infer_{who}_s"] = median(infer[who])
+        result[f"matching_{who}_s"] = median(matching[who])
+        result[f"matching_share_{who}"] = median([m / s for m, s in zip(matching[who], step[who])])
+        result[f"step_{who}_all_s"] = step[who]
+        result[f"infer_{who}_all_s"] = infer[who]
+    result["step_ratio"] = result["step_ours_s"] / result["step_peer_s"]
+    result["infer_ratio"] = result["infer_ours_s"] / result["infer_peer_s"]
+    result["params_ours"] = sum(p.numel() for p in ours.parameters())
+    result["params_peer"] = sum(p.numel() for p in peer.parameters())
+    result["trainable_ours"] = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    result["trainable_peer"] = sum(p.numel() for p in peer.parameters() if p.requires_grad)
+    return result
+
+
+def print_table(results) -> None:
+    print(f"{'model':<12}{'step ours':>11}{'step HF':>10}{'ratio':>7}{'infer ours':>12}{'infer HF':>10}{'ratio':>7}"
+          f"{'match% ours':>13}{'match% HF':>11}")
+    for r in results:
+        print(f"{r['model']:<12}{r['step_ours_s']:>10.3f}s{r['step_peer_s']:>9.3f}s{r['step_ratio']:>7.2f}"
+              f"{r['infer_ours_s']:>11.3f}s{r['infer_peer_s']:>9.3f}s{r['infer_ratio']:>7.2f}"
+              f"{100 * r['matching_share_ours']:>12.2f}%{100 * r['matching_share_peer']:>10.2f}%")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="detr,conditional,dab")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--objects", type=int, default=7, help="mean boxes per image (COCO: about 7)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    parser.add_argument("--match-dropout", action="store_true",
+                        help="give the peers our dropout everywhere (attention, FFN activation, residual)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    names = parse_names(args.models)
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    torch.set_num_threads(args.threads)
+
+    results = []
+    for name in names:
+        results.append(bench_model(name, args))
+        print_table(results[-1:])
+    print()
+    print_table(results)
+    if args.json:
+        write_json(args.json, {"environment": environment(args.threads, args.device), "args": vars(args),
+                               "command": " ".join(sys.argv), "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""What the step and DN benchmarks share: the bench config, a synthetic batch, our models and their Hugging Face
+peers built with random weights (nothing is downloaded), one training step, and timing helpers.
+
+Bench config: ResNet-18 (random init, stem and layer1 frozen, frozen BN), 6+6 layers, d=256, FFN 2048, 8 heads,
+91 classes, aux loss on, 100 queries for DETR and 300 for Conditional/DAB-DETR, each model's official defaults
+otherwise (losses, matcher costs, DAB's PReLU, dropout 0 and image PE temperature 20).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, List
+
+import torch
+
+from dndetr.config import BackboneConfig, Config, DNConfig, MatcherConfig, ModelConfig
+from dndetr.criterion import SetCriterion
+from dndetr.matcher import HungarianMatcher
+from dndetr.models import build_model
+
+NUM_CLASSES = 91  # COCO: max category id + 1
+MODEL_NAMES = ("detr", "conditional", "dab")
+COUNT_OFFSETS = (-2, 2, -1, 1, 0)
+
+# Differences from ModelConfig/MatcherConfig defaults, from each paper's official main.py (docs/spec models.md).
+OFFICIAL = {
+    "detr": ({"num_queries": 100}, {}),
+    "conditional": ({"num_queries": 300, "class_loss": "focal", "loss_class": 2.0},
+                    {"class_cost": "focal", "cost_class": 2.0}),
+    "dab": ({"num_queries": 300, "class_loss": "focal", "loss_class": 1.0, "dropout": 0.0, "activation": "prelu",
+             "pe_temperature": 20.0}, {"class_cost": "focal", "cost_class": 2.0}),
+}
+
+
+def parse_names(text: str, allowed=MODEL_NAMES) -> List[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise ValueError(f"--models={text!r} is invalid: use a comma-separated subset of {','.join(allowed)}")
+    return names
+
+
+def bench_config(name: str, dn_groups: int = 0) -> Config:
+    model_overrides, matcher_overrides = OFFICIAL[name]
+    return Config(model=ModelConfig(name=name, backbone=BackboneConfig(name="resnet18"), aux_loss=True,
+                                    **model_overrides),
+                  matcher=MatcherConfig(**matcher_overrides), dn=DNConfig(groups=dn_groups))
+
+
+def build_ours(name: str, device: str, dn_groups: int = 0):
+    """(model, criterion) in training mode."""
+    cfg = bench_config(name, dn_groups)
+    model = build_model(cfg, NUM_CLASSES).to(device)
+    criterion = SetCriterion(HungarianMatcher(cfg.matcher), NUM_CLASSES, cfg.model, cfg.dn.loss_weight).to(device)
+    return model, criterion
+
+
+def build_peer(name: str, device: str, match_dropout: bool = False):
+    """transformers' model of the same family with the bench config and random weights.
+
+    transformers' defaults have no attention or FFN-activation dropout (the official models have both, at the
+    model's dropout rate) and DAB-DETR's dropout is 0.1 there (0 officially); ``match_dropout`` uses ours everywhere.
+    """
+    import transformers as hf
+
+    resnet18 = hf.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+                               layer_type="basic", out_features=["stage4"])
+    config_class, model_class = {
+        "detr": (hf.DetrConfig, hf.DetrForObjectDetection),
+        "conditional": (hf.ConditionalDetrConfig, hf.ConditionalDetrForObjectDetection),
+        "dab": (hf.DabDetrConfig, hf.DabDetrForObjectDetection),
+    }[name]
+    ours = bench_config(name).model
+    dropout = {"dropout": ours.dropout, "attention_dropout": ours.dropout, "activation_dropout": ours.dropout}
+    model = model_class(config_class(backbone_config=resnet18, num_labels=NUM_CLASSES, auxiliary_loss=True,
+                                     num_queries=ours.num_queries, **(dropout if match_dropout else {}))).to(device)
+    # Train the same backbone parameters as ours and the official code (stages 2-4); HF's DAB-DETR trains all.
+    for param_name, param in model.named_parameters():
+        if "backbone" in param_name:
+            param.requires_grad_(any(f"stages.{i}." in param_name for i in (1, 2, 3)))
+    return model
+
+
+def make_batch(batch_size: int, size: int, objects: int, device: str, seed: int = 0):
+    """Unpadded random images and random targets; the box counts vary around ``objects`` (5 and 9 for 7 at batch 2),
+    so that denoising pads groups to the batch's largest count as it would on real data."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, size, size, generator=gen).to(device)
+    masks = torch.zeros(batch_size, size, size, dtype=torch.bool, device=device)
+    targets = []
+    for b in range(batch_size):
+        n = max(objects + COUNT_OFFSETS[b % len(COUNT_OFFSETS)], 1)
+        centre = torch.rand(n, 2, generator=gen) * 0.6 + 0.2
+        wh = torch.rand(n, 2, generator=gen) * 0.3 + 0.05
+        targets.append({"boxes": torch.cat((centre, wh), dim=1).to(device),
+                        "labels": torch.randint(1, NUM_CLASSES, (n,), generator=gen).to(device)})
+    return images, masks, targets
+
+
+def peer_labels(targets: List[dict]) -> List[dict]:
+    return [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
+
+
+def optimizer_step(model, optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    optimizer.step()
+
+
+def our_step(model, criterion, optimizer, images, masks, targets) -> None:
+    losses = criterion(model(images, masks, targets), targets)
+    optimizer_step(model, optimizer, sum(losses.values()))
+
+
+def peer_step(model, optimizer, images, masks, targets) -> None:
+    loss = model(pixel_values=images, pixel_mask=(~masks).long(), labels=peer_labels(targets)).loss
+    optimizer_step(model, optimizer, loss)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], None], device: str) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def median(values: List[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+class Stopwatch:
+    """Accumulates the wall time spent inside wrapped functions (a CPU-side measure; syncs on CUDA)."""
+
+    def __init__(self, device: str):
+        self.device, self.total = device, 0.0
+
+    def wrap(self, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            sync(self.device)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync(self.device)
+                self.total += time.perf_counter() - start
+        return wrapper
+
+    def take(self) -> float:
+        total, self.total = self.total, 0.0
+        return total
+
+
+@contextmanager
+def patched(owner, attribute: str, stopwatch: Stopwatch, static: bool = False):
+    """Time every call of ``owner.attribute`` (a class attribute, so every instance is covered) while active."""
+    original = owner.__dict__[attribute]
+    fn = original.__func__ if static else original
+    wrapped = stopwatch.wrap(fn)
+    setattr(owner, attribute, staticmethod(wrapped) if static else wrapped)
+    try:
+        yield stopwatch
+    finally:
+        setattr(owner, attribute, original)
+
+
+def environment(threads: int, device: str) -> Dict[str, object]:
+    import platform
+
+    info = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "device": device,
+            "threads": threads, "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def write_json(path: str, payload: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)

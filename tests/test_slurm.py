@@ -1,0 +1,212 @@
+"""Jobs on a real SLURM cluster: the local test cluster of scripts/slurm_cluster.sh (`.ci/run` starts it).
+
+Every test here is skipped, with the reason, when SLURM is not installed or the cluster is not up. Jobs run as
+separate processes on the node: whatever they need from this module is pickled by value (see below), and each
+test gets a fresh submitit folder, because job ids restart at 1 when the cluster's state is wiped and a stale
+`<id>_result.pkl` would be returned at once.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List, TypeVar
+
+import cloudpickle
+import pytest
+import submitit
+import torch
+
+pytestmark = pytest.mark.slurm
+
+# The jobs cannot import this test module: ship its functions and classes inside the pickles.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+# Past 10 minutes, or submitit takes a preemption signal for a timeout.
+TIMEOUT_MIN = 15
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str = "the condition", interval: float = 0.5) -> T:
+    """Poll ``predicate`` until it returns something truthy, which is returned; TimeoutError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout} s for {what}")
+        time.sleep(interval)
+
+
+def run(*command: str) -> str:
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def cluster_down_reason() -> str:
+    """Why the SLURM tests cannot run, or '' when the cluster takes jobs."""
+    start = "start it with scripts/slurm_cluster.sh start"
+    if shutil.which("sinfo") is None:
+        return f"SLURM is not installed (no sinfo on PATH); {start}"
+    try:
+        states = run("sinfo", "--noheader", "--format=%t").split()
+    except (subprocess.SubprocessError, OSError) as err:
+        return f"the SLURM cluster is not up ({err}); {start}"
+    if not any(state.rstrip("*") in ("idle", "mix", "alloc", "comp") for state in states):
+        return f"no SLURM node takes jobs (node states: {states}); {start}"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    reason = cluster_down_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def submitit_folder(slurm_cluster, tmp_path: Path) -> Path:
+    """A fresh folder for this test's submitit files (logs, pickles, results)."""
+    folder = tmp_path / "submitit"
+    folder.mkdir()
+    return folder
+
+
+def slurm_executor(folder: Path, partition: str = "debug", **parameters) -> submitit.AutoExecutor:
+    """An executor for small CPU jobs on the test cluster; ``parameters`` go to ``update_parameters``."""
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    executor.update_parameters(slurm_partition=partition, timeout_min=TIMEOUT_MIN, cpus_per_task=1, mem_gb=1)
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def job_states(job_id: str) -> List[str]:
+    """Every accounting record of the job, oldest first (a requeued job has one per run)."""
+    out = run("sacct", "--jobs", job_id, "--duplicates", "--allocations", "--noheader", "--parsable2",
+              "--format=State")
+    return [line.split()[0] for line in out.splitlines() if line]
+
+
+def test_job_returns_its_value(submitit_folder: Path) -> None:
+    job = slurm_executor(submitit_folder).submit(pow, 2, 10)
+    assert job.result() == 1024
+    assert wait_for(lambda: job_states(job.job_id) == ["COMPLETED"], 30, "sacct to record the job")
+
+
+class RunsUntilPreempted:
+    """The first run waits to be preempted; the requeued run returns how many runs there were."""
+
+    def __init__(self, marks: Path) -> None:
+        self.marks = marks
+
+    def __call__(self) -> int:
+        runs = len(list(self.marks.glob("run_*"))) + 1
+        (self.marks / f"run_{runs}").touch()
+        if runs == 1:
+            time.sleep(TIMEOUT_MIN * 60)
+        return runs
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        (self.marks / "checkpointed").touch()
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def test_preempted_job_is_requeued(submitit_folder: Path, tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    # The whole node, so the `high` job can only start by preempting this one.
+    low = slurm_executor(submitit_folder, slurm_exclusive=True).submit(RunsUntilPreempted(marks))
+    wait_for(lambda: (marks / "run_1").exists(), 60, "the debug job to start")
+
+    high = slurm_executor(submitit_folder, partition="high").submit(str.upper, "high")
+    assert high.result() == "HIGH"
+    assert low.result() == 2, "the preempted job should have run again after its requeue"
+    assert (marks / "checkpointed").exists(), "submitit did not call checkpoint() on preemption"
+
+    def both_runs_recorded() -> List[str]:
+        states = job_states(low.job_id)
+        return states if len(states) >= 2 and states[-1] == "COMPLETED" else []
+
+    states = wait_for(both_runs_recorded, 30, "sacct to record both runs")
+    assert states[0] in ("PREEMPTED", "REQUEUED"), states
+
+
+class CountsUntilPreempted:
+    """Counts iterations under dndetr's preemption hook, which saves the count; the requeued run returns the
+    count it resumed from."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+
+    def __call__(self) -> int:
+        from dndetr.distributed import install_preemption_hook
+
+        state = self.workdir / "count.txt"
+        count = int(state.read_text()) if state.exists() else 0
+        (self.workdir / f"started_from_{count}").touch()
+        if count:
+            return count
+        hook = install_preemption_hook(lambda: state.write_text(str(count)))
+        while True:
+            with hook.deferred():
+                count += 1
+                time.sleep(0.01)
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def test_preemption_hook_saves_before_the_requeue(submitit_folder: Path, tmp_path: Path) -> None:
+    low = slurm_executor(submitit_folder, slurm_exclusive=True).submit(CountsUntilPreempted(tmp_path))
+    wait_for(lambda: (tmp_path / "started_from_0").exists(), 60, "the debug job to start")
+    time.sleep(1)  # let it count
+
+    slurm_executor(submitit_folder, partition="high").submit(int).result()
+    resumed_from = low.result()
+    assert resumed_from > 0, "the rerun found no saved count"
+    assert resumed_from == int((tmp_path / "count.txt").read_text())
+
+
+def ranks_and_sum() -> tuple:
+    from dndetr import distributed
+
+    rank, world_size, _ = distributed.init_distributed()
+    total = distributed.all_reduce_sum(torch.tensor([rank + 1.0])).item()
+    distributed.shutdown_distributed()
+    return rank, world_size, total
+
+
+def test_two_task_job_forms_a_process_group(submitit_folder: Path) -> None:
+    job = slurm_executor(submitit_folder, tasks_per_node=2, mem_gb=2).submit(ranks_and_sum)
+    assert sorted(job.results()) == [(0, 2, 3.0), (1, 2, 3.0)]
+
+
+HYDRA_APP = '''
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from pathlib import Path
+import os
+
+@hydra.main(version_base=None, config_path=None)
+def main(cfg):
+    out = Path(HydraConfig.get().runtime.output_dir)
+    (out / "job.txt").write_text(f"{cfg.x} {os.environ['SLURM_JOB_ID']} {os.environ['SLURM_JOB_PARTITION']}")
+
+main()
+'''
+
+
+def test_hydra_sweep_with_the_slurm_local_preset(slurm_cluster, tmp_path: Path) -> None:
+    app = tmp_path / "app.py"
+    app.write_text(HYDRA_APP)
+    sweep_dir = tmp_path / "multirun"
+    sweep = subprocess.run([sys.executable, str(app), "--multirun", "+x=1,2,3", "hydra/launcher=slurm_local",
+                            f"hydra.searchpath=[file://{REPO_ROOT / 'conf'}]", f"hydra.sweep.dir={sweep_dir}"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    jobs = [(sweep_dir / str(num) / "job.txt").read_text().split() for num in range(3)]
+    assert [x for x, _, _ in jobs] == ["1", "2", "3"]
+    assert len({job_id for _, job_id, _ in jobs}) == 3 and {p for _, _, p in jobs} == {"debug"}
