@@ -1,7 +1,8 @@
 # make demo | make test | make bench: each reuses .venv and reinstalls the project only when pyproject.toml changed.
 VENV := .venv
 PY := $(VENV)/bin/python
-BENCH ?= benchmarks/run.py
+# make bench BENCH=benchmarks/bench_dn.py runs one of them
+BENCH ?= $(wildcard benchmarks/bench_*.py)
 
 .PHONY: demo test bench
 
@@ -12,7 +13,7 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest
 
 bench: $(VENV)/.installed-bench
-	$(PY) $(BENCH)
+	set -e; for script in $(BENCH); do echo "== $$script"; $(PY) $$script; done
 
 $(PY):
 	python3 -m venv $(VENV)

@@ -25,7 +25,7 @@ NUM_CLASSES = 91  # COCO: max category id + 1
 MODEL_NAMES = ("detr", "conditional", "dab")
 COUNT_OFFSETS = (-2, 2, -1, 1, 0)
 
-# Differences from ModelConfig/MatcherConfig defaults, from each paper's official main.py (docs/spec models.md).
+# Differences from ModelConfig/MatcherConfig defaults, from each paper's official main.py (shared spec models.md).
 OFFICIAL = {
     "detr": ({"num_queries": 100}, {}),
     "conditional": ({"num_queries": 300, "class_loss": "focal", "loss_class": 2.0},
@@ -179,10 +179,17 @@ def patched(owner, attribute: str, stopwatch: Stopwatch, static: bool = False):
 
 
 def environment(threads: int, device: str) -> Dict[str, object]:
+    import os
     import platform
 
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     info = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "device": device,
-            "threads": threads, "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+            "threads": threads, "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version()}
     try:
         import transformers
         info["transformers"] = transformers.__version__

@@ -31,10 +31,15 @@ class BackboneConfig:
     name: str = "resnet50"
     dilation: bool = False  # DC5: dilate the last stage (stride 16 instead of 32)
     weights: Optional[str] = None  # local torchvision ResNet state dict; nothing is ever downloaded
-    frozen_bn: bool = True
+    frozen_bn: bool = True  # FrozenBatchNorm2d, as DETR (right for pretrained weights; train BN from scratch)
+    trainable_layers: int = 3  # counted from the top: 3 = layer2..layer4 (DETR), 5 = everything incl. the stem
+    output_layer: str = "layer4"  # C5 (stride 32) as published; layer3 (C4, stride 16) is a CPU-scale option
 
     def __post_init__(self) -> None:
         check_choice("model.backbone.name", self.name, ("resnet18", "resnet34", "resnet50", "resnet101"))
+        check_choice("model.backbone.output_layer", self.output_layer, ("layer3", "layer4"))
+        check(0 <= self.trainable_layers <= 5, "model.backbone.trainable_layers", self.trainable_layers,
+              "must be in 0..5 (3 = layer2-4 as DETR, 5 = all)")
 
 
 @dataclass
@@ -132,8 +137,8 @@ class SyntheticConfig:
     image_size: int = 128
     num_classes: int = 3  # category ids 1..num_classes
     min_objects: int = 0
-    max_objects: int = 10
-    min_size: float = 0.1  # object side as a fraction of the image side
+    max_objects: int = 8
+    min_size: float = 0.15  # object side as a fraction of the image side
     max_size: float = 0.5
     seed: int = 0
 

@@ -64,11 +64,12 @@ class SetCriterion(nn.Module):
         l1, giou = self.box_losses(boxes[image, query], matched_boxes, num_boxes)
         return {"loss_ce": self.class_loss(logits, target_classes, num_boxes), "loss_bbox": l1, "loss_giou": giou}
 
-    def dn_losses(self, dn: dict) -> Dict[str, Dict[str, torch.Tensor]]:
-        """Reconstruction losses on the real DN slots of every layer; no matching: slot k's target is fixed."""
+    def dn_losses(self, dn: dict, num_aux: int) -> Dict[str, Dict[str, torch.Tensor]]:
+        """Reconstruction losses on the real DN slots of the last layer and the ``num_aux`` layers before it (the
+        same layers as the Hungarian losses); no matching: slot k's target is fixed by construction."""
         num_layers, num_dn = dn["logits"].shape[0], len(dn["labels"])
         per_layer = {}
-        for layer in range(num_layers):
+        for layer in range(num_layers - 1 - num_aux, num_layers):
             suffix = "" if layer == num_layers - 1 else f"_{layer}"
             if num_dn == 0:  # keep the DN branch in the graph so every parameter gets a (zero) gradient
                 zero = dn["logits"][layer].sum() * 0 + dn["pred_boxes"][layer].sum() * 0
@@ -88,7 +89,7 @@ class SetCriterion(nn.Module):
         groups = [("", suffix, self.matching_losses(out, targets, num_boxes), 1.0) for suffix, out in layers]
         if "dn" in outputs:
             groups += [("dn_", suffix, terms, self.dn_loss_weight)
-                       for suffix, terms in self.dn_losses(outputs["dn"]).items()]
+                       for suffix, terms in self.dn_losses(outputs["dn"], len(layers) - 1).items()]
         return {prefix + term + suffix: value * self.weights[term] * factor
                 for prefix, suffix, terms, factor in groups for term, value in terms.items()}
 

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -88,14 +89,23 @@ def to_device(images, masks, targets, device):
     return images.to(device, non_blocking=True), masks.to(device, non_blocking=True), targets
 
 
+def fault_point(name: str, epoch: int, iteration: int = 0) -> None:
+    """Fault injection for the resume tests: ``DNDETR_KILL_AT=<name>:<epoch>:<iteration>`` kills the process here
+    (SIGKILL, as a preempted or crashed node would), e.g. ``iteration:1:3``, ``eval:0:0``, ``record:1:0``,
+    ``save:1:0`` (checkpoint written to its temporary file, not yet renamed)."""
+    if os.environ.get("DNDETR_KILL_AT") == f"{name}:{epoch}:{iteration}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # -- files ---------------------------------------------------------------------------------------------------
-def atomic_torch_save(obj, path: Path) -> None:
+def atomic_torch_save(obj, path: Path, before_rename: Callable[[], None] = lambda: None) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a crash leaves the old file intact."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
+    before_rename()
     os.replace(tmp, path)
 
 
@@ -214,7 +224,7 @@ def param_groups(model, cfg: Config) -> List[dict]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, stop_after_iterations: Optional[int] = None):
+    def __init__(self, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.rank, self.world, _ = distributed.init_distributed()
         self.main = self.rank == 0
@@ -236,7 +246,7 @@ class Trainer:
         self.matcher = HungarianMatcher(cfg.matcher)
         self.criterion = SetCriterion(self.matcher, self.num_classes, cfg.model, cfg.dn.loss_weight).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=cfg.optim.lr,
-                                           weight_decay=cfg.optim.weight_decay)
+                                           weight_decay=cfg.optim.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.optim.lr_drop, cfg.optim.lr_gamma)
         self.amp = cfg.trainer.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -248,7 +258,6 @@ class Trainer:
         self.started = time.perf_counter()
         self.metrics = MetricsLog(self.run_dir / METRICS)
         self.checkpoint_path = self.run_dir / CHECKPOINT
-        self.stop_after_iterations = stop_after_iterations  # tests: simulate a kill after N iterations
         self.preemption = None
 
     @staticmethod
@@ -269,7 +278,8 @@ class Trainer:
                 "rng": rng_state(), "loss_sums": dict(self.loss_sums), "config": asdict(self.cfg)}
 
     def save_now(self) -> None:
-        atomic_torch_save(self.state_dict(), self.checkpoint_path)
+        atomic_torch_save(self.state_dict(), self.checkpoint_path,
+                          lambda: fault_point("save", self.epoch, self.iteration))
 
     def save(self) -> None:
         if self.main:
@@ -345,6 +355,7 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + value
                 self.iteration += 1
                 done += 1
+            fault_point("iteration", epoch, self.iteration)
             if progress is not None:
                 progress.set_postfix(loss=f"{loss_values['loss']:.3f}")
                 progress.update()
@@ -352,10 +363,6 @@ class Trainer:
             if every and self.iteration % every == 0 and self.iteration < len(batches):
                 with self.preemption.deferred() if self.preemption else contextlib.nullcontext():
                     self.save()
-            if self.stop_after_iterations is not None:
-                self.stop_after_iterations -= 1
-                if self.stop_after_iterations == 0:
-                    raise KeyboardInterrupt("stopped for a test")
         if progress is not None:
             progress.close()
         iterations = max(self.iteration, 1)
@@ -408,6 +415,7 @@ class Trainer:
         return row
 
     def evaluate(self) -> Dict[str, Optional[float]]:
+        fault_point("eval", self.epoch)
         loader = eval_loader(self.val_set, self.cfg.data.val_batch_size, self.cfg.data.num_workers)
         return evaluate(self.model, loader, self.device, self.cfg.model.class_loss, self.cfg.model.num_select,
                         self.val_set.coco)
@@ -419,6 +427,7 @@ class Trainer:
         record = instability.record_matchings(self.model, loader, self.matcher, self.device, cfg.all_layers,
                                               self.cfg.model.dec_layers)
         instability.save_epoch(self.run_dir, epoch, *record)
+        fault_point("record", epoch)  # recorded, not yet in metrics.jsonl: the resumed run redoes the epoch
         return instability.epoch_metrics(self.run_dir, epoch)
 
 

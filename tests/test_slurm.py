@@ -52,9 +52,10 @@ def cluster_down_reason() -> str:
     if shutil.which("sinfo") is None:
         return f"SLURM is not installed (no sinfo on PATH); {start}"
     try:
+        run("scontrol", "ping")  # fails at once when slurmctld is down; sinfo would retry for 10 s
         states = run("sinfo", "--noheader", "--format=%t").split()
-    except (subprocess.SubprocessError, OSError) as err:
-        return f"the SLURM cluster is not up ({err}); {start}"
+    except (subprocess.SubprocessError, OSError):
+        return f"the SLURM controller does not answer; {start}"
     if not any(state.rstrip("*") in ("idle", "mix", "alloc", "comp") for state in states):
         return f"no SLURM node takes jobs (node states: {states}); {start}"
     return ""

@@ -40,11 +40,14 @@ class Backbone(nn.Module):
                                                        replace_stride_with_dilation=[False, False, cfg.dilation])
         if cfg.weights:
             load_resnet_weights(resnet, cfg.weights)
+        trainable_stages = ("layer4", "layer3", "layer2", "layer1", "conv1")[:cfg.trainable_layers]
         for name, param in resnet.named_parameters():
-            trainable = train_backbone and any(stage in name for stage in ("layer2", "layer3", "layer4"))
-            param.requires_grad_(trainable)
-        self.body = IntermediateLayerGetter(resnet, return_layers={"layer4": "0"})
-        self.num_channels = 512 if cfg.name in ("resnet18", "resnet34") else 2048
+            stage = "conv1" if name.startswith(("conv1", "bn1")) else name.split(".")[0]
+            param.requires_grad_(train_backbone and stage in trainable_stages)
+        # IntermediateLayerGetter drops every module after the returned layer (so layer3 output has no layer4).
+        self.body = IntermediateLayerGetter(resnet, return_layers={cfg.output_layer: "0"})
+        basic = cfg.name in ("resnet18", "resnet34")
+        self.num_channels = {"layer3": 256 if basic else 1024, "layer4": 512 if basic else 2048}[cfg.output_layer]
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor):
         features = self.body(images)["0"]
