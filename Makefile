@@ -6,8 +6,14 @@ BENCH ?= $(wildcard benchmarks/bench_*.py)
 
 .PHONY: demo test bench
 
+# The instability study at its smallest useful size: 4 arms x 2 seeds, 5 short epochs each, then the analysis.
+STUDY := experiment=study_detr,study_dab,study_dn_dab,study_dn_dab_nomask
+DEMO_SIZE := trainer.seed=1,2 trainer.epochs=5 data.max_train_images=160 data.max_val_images=64 trainer.progress=false
+DEMO_DIR := multirun/demo_$(shell date +%Y%m%d_%H%M%S)
+
 demo: $(VENV)/.installed-base
-	$(PY) train.py
+	$(PY) train.py -m $(STUDY) $(DEMO_SIZE) hydra.sweep.dir=$(DEMO_DIR)
+	$(PY) analysis/instability.py $(DEMO_DIR)
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from dndetr.config import ConfigError, register_configs, validate
 from dndetr.data import DataError
@@ -25,6 +28,7 @@ EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
 def main(cfg: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    (run_dir / "error.txt").unlink(missing_ok=True)  # a resumed run that now works is no longer a failed one
     try:
         config = validate(cfg)
         if config.trainer.eval_only:
@@ -33,12 +37,12 @@ def main(cfg: DictConfig):
             return result.get("AP")
         rows = train(config, run_dir)
     except EXPECTED_ERRORS as err:
-        message = f"error: {err}"
+        message = f"error: {error_line(err)}"
         (run_dir / "error.txt").write_text(message + "\n")
-        log.error(message)
         if multirun:  # let the other jobs of the sweep run; the analysis reports this one as failed
+            log.error(message)
             return None
-        print(message, file=sys.stderr)
+        print(message, file=sys.stderr)  # the one line on the terminal; error.txt keeps it with the run
         sys.exit(2)
     final = rows[-1] if rows else {}
     print(f"done: {run_dir}\n  metrics:    {run_dir / 'metrics.jsonl'}\n  checkpoint: {run_dir / 'checkpoint_last.pt'}"
@@ -46,5 +50,46 @@ def main(cfg: DictConfig):
     return final.get("AP")
 
 
+def error_line(err: Exception) -> str:
+    """The error's one-line message. A DataLoader worker re-raises a dataset error with the worker's traceback in
+    its message, whose last line is the original ``module.Class: message``."""
+    last = str(err).strip().splitlines()[-1]
+    return last.removeprefix(f"{type(err).__module__}.{type(err).__qualname__}: ")
+
+
+def override_for(key: str) -> str:
+    """The command-line override that set ``key`` (e.g. ``dn.label_noise=abc``), else the key itself."""
+    for arg in sys.argv[1:]:
+        name, _, _ = arg.partition("=")
+        if name.lstrip("+~") == key:
+            return arg
+    return key
+
+
+def composition_error_line(err: CompactHydraException) -> str:
+    """Hydra's composition error in the format of dndetr.config.ConfigError: ``key=value is invalid: why``."""
+    cause = err.__cause__
+    if isinstance(err, MissingConfigException) and err.options is not None:  # model=unknown
+        group, _, name = (err.missing_cfg_file or "").rpartition("/")
+        options = [option for option in err.options if not option.endswith("_schema")]
+        return f"{group}={name} is invalid: must be one of {', '.join(options)}"
+    if isinstance(cause, OmegaConfBaseException) and cause.full_key:  # wrong type or unknown key
+        return f"{override_for(cause.full_key)} is invalid: {str(cause.msg).splitlines()[0]}"
+    if isinstance(err, OverrideParseException):  # override syntax
+        return f"{err.override} is invalid: {err.message.splitlines()[0]}"
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+
+
 if __name__ == "__main__":
-    main()
+    # Hydra reports its own composition errors (unknown group option or key, a value of the wrong type) over
+    # several lines and exits 1. Its documented switch HYDRA_FULL_ERROR=1 makes it raise them instead, so they get
+    # one line and exit 2 like every other configuration mistake. Whoever sets HYDRA_FULL_ERROR gets Hydra's report.
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        main()
+    else:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            main()
+        except CompactHydraException as err:
+            print(f"error: {composition_error_line(err)}", file=sys.stderr)
+            sys.exit(2)

@@ -145,7 +145,8 @@ def check_matchings(run: Run) -> None:
             run.problems.append(f"no matchings recorded for epochs {before + 1}..{after - 1}")
 
 
-def read_run(path: Path) -> Run:
+def read_run(path: Path, epochs: Optional[int] = None) -> Run:
+    """One run folder. With ``epochs``, only its first ``epochs`` epochs count and that is the planned length."""
     run = Run(path=path)
     hydra_dir = path / ".hydra"
     if (hydra_dir / "overrides.yaml").is_file():
@@ -156,14 +157,19 @@ def read_run(path: Path) -> Run:
         run.config = read_yaml(hydra_dir / "config.yaml", run) or {}
     if (hydra_dir / "hydra.yaml").is_file():
         run.choices = config_value(read_yaml(hydra_dir / "hydra.yaml", run) or {}, "hydra.runtime.choices") or {}
+    if (path / "error.txt").is_file():  # train.py's one-line report of a job that stopped on an error
+        run.fail((path / "error.txt").read_text().strip() or "error.txt is empty")
     if not (path / "metrics.jsonl").is_file():
-        run.fail("no metrics.jsonl (crashed before its first epoch ended, or never started)")
+        if not run.failed:
+            run.fail("no metrics.jsonl (crashed before its first epoch ended, or never started)")
         return run
     run.metrics = read_metrics(path / "metrics.jsonl", run)
+    if epochs is not None and not run.metrics.empty:
+        run.metrics = run.metrics[run.metrics["epoch"] < epochs].reset_index(drop=True)
     if run.metrics.empty:
         run.fail("metrics.jsonl holds no epoch")
         return run
-    done, planned = int(run.metrics["epoch"].max()) + 1, config_value(run.config, "trainer.epochs")
+    done, planned = int(run.metrics["epoch"].max()) + 1, epochs or config_value(run.config, "trainer.epochs")
     if isinstance(planned, int) and done < planned:
         run.fail(f"stopped after {done} of {planned} epochs (crashed, or still running)")
     add_matching_instability(run)
@@ -354,6 +360,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="report folder (default: <first path>/instability_report)")
     parser.add_argument("--from-epoch", type=int, default=1, help="average IS over epochs >= this one (default 1)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="compare the first N epochs of every run (runs with fewer count as incomplete); "
+                             "default: each run's trainer.epochs")
     return parser.parse_args(argv)
 
 
@@ -371,7 +380,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             failures.append(f"- `{path}`: no run found (no metrics.jsonl, .hydra/ or numbered job folders)")
         run_dirs += found_runs
         sweeps += found_sweeps
-    runs = {p.resolve(): read_run(p) for p in dict.fromkeys(p.resolve() for p in run_dirs)}
+    runs = {p.resolve(): read_run(p, args.epochs) for p in dict.fromkeys(p.resolve() for p in run_dirs)}
     for sweep in sweeps:
         for job_dir, message in submitit_failures(sweep):
             run = runs.get(job_dir.resolve()) if job_dir else None

@@ -6,7 +6,7 @@ training starts), so every bad value fails with one line naming the key, the val
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -176,6 +176,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_choice("data.name", self.name, ("synthetic", "coco"))
+        check(bool(self.root), "data.root", self.root, "must name the dataset folder (data=coco needs data.root=...)")
         check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
         check(self.val_batch_size >= 1, "data.val_batch_size", self.val_batch_size, "must be >= 1")
         check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
@@ -264,11 +265,23 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
+def reject_unknown_keys(node: Any, prefix: str = "") -> None:
+    """Keys added with ``+key=value`` pass Hydra and become stray attributes of the schema objects: refuse them."""
+    known = {f.name for f in fields(node)}
+    for key, value in vars(node).items():
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}={value!r} is invalid: no such key (the keys are in dndetr/config.py)")
+        if is_dataclass(value):
+            reject_unknown_keys(value, f"{prefix}{key}.")
+
+
 def validate(cfg: DictConfig) -> Config:
     """Instantiate the schemas (running every range check); raises ConfigError with a one-line message."""
     try:
-        return OmegaConf.to_object(cfg)
+        config = OmegaConf.to_object(cfg)
     except ConfigError:
         raise
     except Exception as err:  # OmegaConf type errors: keep only their first line
         raise ConfigError(str(err).splitlines()[0]) from None
+    reject_unknown_keys(config)
+    return config

@@ -321,8 +321,8 @@ class Trainer:
         self.preemption = distributed.install_preemption_hook(self.save_now) if self.main else None
         try:
             while self.epoch < self.cfg.trainer.epochs:
-                losses, iter_time = self.train_one_epoch()
-                row = self.end_of_epoch(losses, iter_time)
+                losses, iter_time, train_time = self.train_one_epoch()
+                row = self.end_of_epoch(losses, iter_time, train_time)
                 if self.main:
                     log.info("epoch %d: %s", row["epoch"], ", ".join(
                         f"{k}={v:.4g}" for k, v in row.items() if k in ("train_loss", "AP", "AP50", "IS")
@@ -366,7 +366,8 @@ class Trainer:
         if progress is not None:
             progress.close()
         iterations = max(self.iteration, 1)
-        return {k: v / iterations for k, v in sums.items()}, (time.perf_counter() - start) / max(done, 1)
+        train_time = time.perf_counter() - start
+        return {k: v / iterations for k, v in sums.items()}, train_time / max(done, 1), train_time
 
     def train_step(self, images, masks, targets) -> Dict[str, float]:
         images, masks, targets = to_device(images, masks, targets, self.device)
@@ -376,13 +377,12 @@ class Trainer:
             try:
                 losses = self.criterion(outputs, targets)
             except FloatingPointError as err:
-                raise NonFiniteLossError(f"{err} at {step}; stopped, {self.checkpoint_path} is the last good "
-                                         "checkpoint") from None
+                raise NonFiniteLossError(f"{err} at {step}; {self.stopped()}") from None
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             bad = [k for k, v in losses.items() if not torch.isfinite(v)]
             raise NonFiniteLossError(f"loss is {loss.item()} at {step} (non-finite terms: {', '.join(bad)}); "
-                                     f"stopped, {self.checkpoint_path} is the last good checkpoint")
+                                     f"{self.stopped()}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.optim.clip_max_norm > 0:
@@ -394,17 +394,33 @@ class Trainer:
         logged = distributed.all_reduce_mean(logged).tolist()
         return dict(zip(["loss"] + list(losses), logged))
 
-    def end_of_epoch(self, losses: Dict[str, float], iter_time: float) -> dict:
+    def stopped(self) -> str:
+        if self.checkpoint_path.exists():
+            return f"stopped, {self.checkpoint_path} is the last good checkpoint"
+        return "stopped before the first checkpoint was written"
+
+    def end_of_epoch(self, losses: Dict[str, float], iter_time: float, train_time: float) -> dict:
         cfg, epoch = self.cfg, self.epoch
+        # A finite loss can still give NaN gradients: stop here, not with a traceback from evaluation or matching.
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteLossError(f"weights {bad[0]} (and {len(bad) - 1} more) are NaN or Inf after epoch {epoch} "
+                                     f"iteration {self.iteration - 1}; {self.stopped()}")
         row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "train_loss": losses.pop("loss", None)}
         row.update(losses)
         if self.main:
             last = epoch == cfg.trainer.epochs - 1
             if (epoch + 1) % cfg.trainer.eval_every == 0 or last:
+                start = time.perf_counter()
                 row.update(self.evaluate())
+                row["eval_time"] = time.perf_counter() - start
             if cfg.instability.enabled and ((epoch + 1) % cfg.instability.every == 0 or last):
+                start = time.perf_counter()
                 row.update(self.record_instability(epoch))
+                row["record_time"] = time.perf_counter() - start
         row["iter_time"] = iter_time
+        row["train_time"] = train_time
+        row["epoch_time"] = train_time + row.get("eval_time", 0.0) + row.get("record_time", 0.0)
         row["wall_time"] = self.wall_time + self.elapsed()
         with self.preemption.deferred() if self.preemption else contextlib.nullcontext():
             if self.main:

@@ -1,8 +1,10 @@
-"""dndetr.distributed without a cluster: single-process no-ops, a 2-process gloo group, the preemption hook."""
+"""dndetr.distributed without a cluster: single-process no-ops, a 2-process gloo group, the preemption hook, and
+2-rank DDP training that matches 1 process with the same global batch."""
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ import pytest
 import torch
 
 from dndetr import distributed
+from helpers import read_metrics, run_train, tiny, without_timing
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR")
@@ -142,3 +145,52 @@ def test_preempt_signal_follows_submitit_variable(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("SUBMITIT_PREEMPT_SIGNAL", "NOPE")
     with pytest.raises(ValueError, match="SUBMITIT_PREEMPT_SIGNAL='NOPE'"):
         distributed.preempt_signal()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Settings under which 2 ranks x batch 2 compute exactly what 1 process x batch 4 computes: focal-loss DAB-DETR
+# (every term a sum over the batch divided by the all-reduced box count), no dropout, no denoising (its loss is
+# normalised per rank), fixed-size images, and frozen BatchNorm (trainable BN normalises each rank's own batch).
+SAME_MATH = ["model=dab", "model.dropout=0", "dn.groups=0", "data.crop=false", "data.hflip=false",
+             "model.backbone.frozen_bn=true"]
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_training_matches_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
+    overrides = tiny(tmp_path, *SAME_MATH)
+    single = tmp_path / "single"
+    run_train(single, overrides + ["data.batch_size=4"], env={"OMP_NUM_THREADS": "1"})
+
+    port = str(free_port())
+    ranks = [tmp_path / f"rank{rank}" for rank in range(2)]  # Hydra writes .hydra/ in every process's run folder
+    procs = [subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), f"hydra.run.dir={run_dir}", *overrides,
+                               "data.batch_size=2"], cwd=REPO_ROOT, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
+                              env=child_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for rank, run_dir in enumerate(ranks)]
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+
+    assert {p.name for p in ranks[1].iterdir()} == {".hydra", "train.log"}, "only rank 0 may write run files"
+    assert "epoch" not in (ranks[1] / "train.log").read_text()
+    assert sorted(p.name for p in (ranks[0] / "matchings").iterdir()) == [f"epoch_000{e}.npz" for e in range(3)]
+    assert_same_losses(read_metrics(single), read_metrics(ranks[0]))
+
+
+def assert_same_losses(one_process: list, two_ranks: list) -> None:
+    """The per-epoch losses of the tiny 3-epoch run agree to float tolerance (summation order differs)."""
+    one, two = without_timing(one_process), without_timing(two_ranks)
+    assert [row["epoch"] for row in two] == [row["epoch"] for row in one] == [0, 1, 2]
+    for row_one, row_two in zip(one, two):
+        assert row_two.keys() == row_one.keys()
+        losses = [key for key in row_one if "loss" in key]
+        assert len(losses) == 7  # train_loss, 3 terms of the last layer, 3 of the other decoder layer
+        assert {k: row_two[k] for k in losses} == pytest.approx({k: row_one[k] for k in losses}, rel=1e-4)
+        assert row_two["lr"] == row_one["lr"]

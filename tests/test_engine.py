@@ -50,13 +50,15 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path, kill_at):
 
 
 @pytest.mark.slow
-def test_tiny_detr_overfits_a_few_images(tmp_path):
+@pytest.mark.parametrize("model", ["detr", "conditional", "dab"])
+def test_tiny_model_overfits_a_few_images(tmp_path, model):
     """Data, matcher, loss, post-processing and COCOeval fit together: AP50 >= 0.9 on 4 training images."""
     run = tmp_path / "overfit"
-    run_train(run, tiny(tmp_path, "data.max_train_images=4", "data.val_on_train=true", "data.batch_size=4",
-                        "data.synthetic.min_objects=1", "trainer.epochs=300", "trainer.eval_every=50",
-                        "instability.enabled=false", "optim.lr=1e-3", "optim.lr_backbone=1e-3",
-                        "model.hidden_dim=64", "model.dim_feedforward=128", "optim.lr_drop=200"))
+    run_train(run, tiny(tmp_path, f"model={model}", "data.max_train_images=4", "data.val_on_train=true",
+                        "data.batch_size=4", "data.synthetic.min_objects=1", "trainer.epochs=300",
+                        "trainer.eval_every=100", "instability.enabled=false", "optim.lr=1e-3",
+                        "optim.lr_backbone=1e-3", "model.hidden_dim=64", "model.dim_feedforward=128",
+                        "optim.lr_drop=250"))
     final = read_metrics(run)[-1]
     assert final["AP50"] >= 0.9, final
 

@@ -7,17 +7,26 @@ test gets a fresh submitit folder, because job ids restart at 1 when the cluster
 """
 from __future__ import annotations
 
+import contextlib
+import csv
+import os
+import re
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, TypeVar
+from typing import Callable, Iterator, List, Tuple, TypeVar
 
 import cloudpickle
+import numpy as np
 import pytest
 import submitit
 import torch
+import yaml
+
+from helpers import read_metrics, run_train, tiny, without_timing
+from test_distributed import SAME_MATH, assert_same_losses
 
 pytestmark = pytest.mark.slurm
 
@@ -211,3 +220,132 @@ def test_hydra_sweep_with_the_slurm_local_preset(slurm_cluster, tmp_path: Path) 
     jobs = [(sweep_dir / str(num) / "job.txt").read_text().split() for num in range(3)]
     assert [x for x, _, _ in jobs] == ["1", "2", "3"]
     assert len({job_id for _, job_id, _ in jobs}) == 3 and {p for _, _, p in jobs} == {"debug"}
+
+
+# -- train.py's own sweeps on the cluster ----------------------------------------------------------------------
+@contextlib.contextmanager
+def sweep_running(sweep_dir: Path, overrides: List[str]) -> Iterator[subprocess.Popen]:
+    """`python train.py -m hydra/launcher=slurm_local ...`, which submits the jobs and waits for all of them. If
+    the test leaves before the sweep has finished, the sweep and its jobs are cancelled."""
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--multirun", "hydra/launcher=slurm_local",
+               f"hydra.sweep.dir={sweep_dir}", f"hydra.launcher.submitit_folder={sweep_dir}/.submitit/%j", *overrides]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")  # the jobs inherit this environment
+    sweep = subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+    try:
+        yield sweep
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            for job_folder in (sweep_dir / ".submitit").glob("*"):
+                subprocess.run(["scancel", job_folder.name], timeout=60)
+
+
+def finish_sweep(sweep: subprocess.Popen, timeout: float = 600) -> None:
+    out = sweep.communicate(timeout=timeout)[0]
+    assert sweep.returncode == 0, out[-3000:]
+
+
+def slurm_job_id(run_dir: Path) -> str:
+    """The SLURM job id (``<array id>_<index>``) that Hydra's submitit launcher recorded in the run's config."""
+    return str(yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["job"]["id"])
+
+
+def matching_epochs(run_dir: Path) -> List[str]:
+    return sorted(p.name for p in (run_dir / "matchings").iterdir())
+
+
+def test_train_sweep_on_the_cluster_feeds_the_analysis(slurm_cluster, tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "multirun"
+    epochs = 2
+    with sweep_running(sweep_dir, tiny(tmp_path, "model=dab", f"trainer.epochs={epochs}", "dn.groups=1,5",
+                                       "dn.box_noise=0.2,0.4")) as sweep:
+        finish_sweep(sweep)
+
+    runs = [sweep_dir / str(num) for num in range(4)]
+    job_ids = [slurm_job_id(run) for run in runs]
+    assert len(set(job_ids)) == 4
+    for run, job_id in zip(runs, job_ids):
+        assert (run / ".hydra" / "config.yaml").is_file() and not (run / "error.txt").exists()
+        assert [row["epoch"] for row in read_metrics(run)] == list(range(epochs))
+        assert matching_epochs(run) == [f"epoch_000{e}.npz" for e in range(epochs)]
+        assert wait_for(lambda: job_states(job_id) == ["COMPLETED"], 30, f"sacct to record job {job_id}")
+
+    report = tmp_path / "report"
+    analysis = subprocess.run([sys.executable, str(REPO_ROOT / "analysis" / "instability.py"), str(sweep_dir),
+                               "--out", str(report)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert analysis.returncode == 0, analysis.stdout[-2000:] + analysis.stderr[-2000:]
+    with open(report / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    settings = {(row["dn.groups"], row["dn.box_noise"]) for row in summary}
+    assert settings == {("1", "0.2"), ("1", "0.4"), ("5", "0.2"), ("5", "0.4")}
+    assert (report / "failures.md").read_text().strip().endswith("None.")
+
+
+def read_checkpoint_position(checkpoint: Path) -> Tuple[int, int]:
+    """Runs as the preempting job: the checkpoint the preempted job left, as (epoch, iteration)."""
+    from dndetr.engine import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    return state["epoch"], state["iteration"]
+
+
+RESUME_LINE = re.compile(r"resuming at epoch (\d+) iteration (\d+)")
+
+
+def test_preempted_training_resumes_to_the_uninterrupted_metrics(submitit_folder: Path, tmp_path: Path) -> None:
+    epochs, iterations = 12, 4  # 16 images in batches of 4
+    # Dropout and denoising draw random numbers: the resumed run matches only if the RNG state was saved too.
+    # Periodic checkpoints only at epoch ends, so a checkpoint inside an epoch can only come from the preemption hook.
+    overrides = tiny(tmp_path, f"trainer.epochs={epochs}", "model.dropout=0.1", "dn.groups=2",
+                     "trainer.checkpoint_every_iters=0")
+    sweep_dir = tmp_path / "multirun"
+    run = sweep_dir / "0"
+    with sweep_running(sweep_dir, overrides) as sweep:
+        wait_for(lambda: (run / "checkpoint_last.pt").exists() or sweep.poll() is not None, 300,
+                 "the training job to finish its first epoch")
+        assert sweep.poll() is None, "the sweep ended before the training job was preempted"
+        # The whole node, so that it can only start by preempting the training job; it runs before the requeued
+        # job can start again, so it sees the checkpoint exactly as the preempted job left it.
+        high = slurm_executor(submitit_folder, partition="high", slurm_exclusive=True)
+        position = high.submit(read_checkpoint_position, run / "checkpoint_last.pt").result()
+        reference = tmp_path / "reference"
+        run_train(reference, overrides, env={"OMP_NUM_THREADS": "1"})  # while the training job waits to restart
+        finish_sweep(sweep)
+
+    job_id = slurm_job_id(run)
+    states = wait_for(lambda: (lambda s: s if len(s) >= 2 and s[-1] == "COMPLETED" else [])(job_states(job_id)),
+                      30, "sacct to record both runs of the training job")
+    assert states[0] in ("PREEMPTED", "REQUEUED"), states
+
+    epoch, iteration = position
+    assert 1 <= epoch < epochs and 0 <= iteration <= iterations, position
+    assert RESUME_LINE.findall((run / "train.log").read_text()) == [(str(epoch), str(iteration))], \
+        "the requeued run should resume once, from the checkpoint taken at preemption"
+    if iteration == 0:  # preempted in the instant between an epoch's end and the next epoch's first iteration
+        print(f"preempted at the start of epoch {epoch}: the hook's mid-epoch save was not observed")
+
+    rows = read_metrics(run)
+    assert [row["epoch"] for row in rows] == list(range(epochs)), "duplicate or missing epochs in metrics.jsonl"
+    assert without_timing(rows) == without_timing(read_metrics(reference))
+    assert rows[-1]["wall_time"] > rows[-2]["wall_time"]
+    assert matching_epochs(run) == matching_epochs(reference) == [f"epoch_{e:04d}.npz" for e in range(epochs)]
+    for name in matching_epochs(run):
+        assert (np.load(run / "matchings" / name)["assign"] == np.load(reference / "matchings" / name)["assign"]).all()
+
+
+def test_two_task_training_job_matches_one_process(slurm_cluster, tmp_path: Path) -> None:
+    """`hydra.launcher.tasks_per_node=2`: both tasks run the Hydra task, find their ranks through submitit and
+    train as one DDP job; per-rank batch 2 on 2 ranks gives what batch 4 gives in one process."""
+    overrides = tiny(tmp_path, *SAME_MATH)
+    sweep_dir = tmp_path / "multirun"
+    single = tmp_path / "single"
+    with sweep_running(sweep_dir, overrides + ["data.batch_size=2", "hydra.launcher.tasks_per_node=2"]) as sweep:
+        run_train(single, overrides + ["data.batch_size=4"], env={"OMP_NUM_THREADS": "1"})
+        finish_sweep(sweep)
+    run = sweep_dir / "0"
+    assert_same_losses(read_metrics(single), read_metrics(run))
+    job_id = slurm_job_id(run)
+    assert wait_for(lambda: job_states(job_id) == ["COMPLETED"], 30, f"sacct to record job {job_id}")
+    logs = list((sweep_dir / ".submitit").glob("*/*_log.err"))
+    assert len(logs) == 2, "expected one log per task"  # <job>_0_log.err and <job>_1_log.err
