@@ -83,8 +83,8 @@ def composition_error_line(err: CompactHydraException) -> str:
 if __name__ == "__main__":
     # Hydra reports its own composition errors (unknown group option or key, a value of the wrong type) over
     # several lines and exits 1. Its documented switch HYDRA_FULL_ERROR=1 makes it raise them instead, so they get
-    # one line and exit 2 like every other configuration mistake. Whoever sets HYDRA_FULL_ERROR gets Hydra's report.
-    if os.environ.get("HYDRA_FULL_ERROR"):
+    # one line and exit 2 like every other configuration mistake. Whoever sets HYDRA_FULL_ERROR=1 gets the full trace.
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
         main()
     else:
         os.environ["HYDRA_FULL_ERROR"] = "1"

@@ -322,11 +322,7 @@ class Trainer:
         try:
             while self.epoch < self.cfg.trainer.epochs:
                 losses, iter_time, train_time = self.train_one_epoch()
-                row = self.end_of_epoch(losses, iter_time, train_time)
-                if self.main:
-                    log.info("epoch %d: %s", row["epoch"], ", ".join(
-                        f"{k}={v:.4g}" for k, v in row.items() if k in ("train_loss", "AP", "AP50", "IS")
-                        and v is not None))
+                self.end_of_epoch(losses, iter_time, train_time)
         finally:
             if self.preemption is not None:
                 self.preemption.remove()
@@ -422,6 +418,9 @@ class Trainer:
         row["train_time"] = train_time
         row["epoch_time"] = train_time + row.get("eval_time", 0.0) + row.get("record_time", 0.0)
         row["wall_time"] = self.wall_time + self.elapsed()
+        if self.main:
+            log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                                     if k in ("train_loss", "AP", "AP50", "IS") and v is not None))
         with self.preemption.deferred() if self.preemption else contextlib.nullcontext():
             if self.main:
                 self.metrics.append(row)

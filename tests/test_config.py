@@ -129,8 +129,8 @@ def test_paper_experiments_use_the_slurm_launcher(tmp_path):
 
 
 def test_launcher_through_the_command_line():
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--cfg", "hydra", "hydra/launcher=slurm_local"],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, str(REPO_ROOT / "train.py"), "--cfg", "hydra", "hydra/launcher=slurm_local"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "SlurmLauncher" in result.stdout and "partition: debug" in result.stdout
 
