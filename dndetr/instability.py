@@ -253,8 +253,8 @@ def record_matchings(model, loader, matcher, device, all_layers: bool = False, n
                 num_queries = outputs["pred_logits"].shape[1]
                 batch_assign, batch_cost = [], []
                 for layer_out in layer_dicts:
-                    indices = matcher(layer_out, targets)
                     matrices = matcher.cost_matrices(layer_out, targets)
+                    indices = matcher.assign(matrices)  # the training matcher's assignment, costs computed once
                     batch_assign.append([assignment_vector(ix, num_queries) for ix in indices])
                     batch_cost.append([matched_costs(ix, c) for ix, c in zip(indices, matrices)])
                 assign.append(np.asarray(batch_assign, dtype=np.int16))  # [R, B, Q]

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import itertools
-import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from dndetr.engine import Trainer, coco_ap, load_checkpoint, CheckpointError
-from dndetr.data import CocoDetection
-from dndetr.matcher import HungarianMatcher
 from dndetr.config import MatcherConfig
-from helpers import compose_config, read_metrics, run_train, tiny, without_timing
+from dndetr.data import CocoDetection
+from dndetr.engine import CheckpointError, coco_ap, load_checkpoint
+from dndetr.matcher import HungarianMatcher
+from helpers import REPO_ROOT, read_metrics, run_train, tiny, without_timing
 
 
 def test_train_writes_metrics_checkpoint_and_matchings(tmp_path):
@@ -102,3 +103,31 @@ def test_foreign_or_truncated_checkpoint_is_rejected(tmp_path):
     path.write_bytes(path.read_bytes()[:20])
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(path)
+
+
+def test_eval_only_reproduces_the_runs_final_ap(tmp_path):
+    """`trainer.eval_only=true model.init_from=<checkpoint>` evaluates a saved model and prints its AP."""
+    run = tmp_path / "run"
+    overrides = tiny(tmp_path, "trainer.epochs=1", "instability.enabled=false")
+    run_train(run, overrides)
+    final_ap = read_metrics(run)[-1]["AP"]
+    result = run_train(tmp_path / "eval", overrides + ["trainer.eval_only=true",
+                                                       f"model.init_from={run / 'checkpoint_last.pt'}"])
+    printed = dict(item.split("=") for item in result.stdout.split() if item.startswith("AP"))
+    assert float(printed["AP"]) == pytest.approx(final_ap, abs=1e-4)
+    assert not (tmp_path / "eval" / "metrics.jsonl").exists() or not read_metrics(tmp_path / "eval")
+
+
+@pytest.mark.slow
+def test_dn_sweep_runs_for_every_model(tmp_path):
+    """`train.py -m dn.groups=... dn.box_noise=...` works locally for DETR, Conditional DETR and DAB-DETR."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", *tiny(tmp_path, "model=detr,conditional,dab", "dn.groups=1,3",
+                                                    "dn.box_noise=0.4", "trainer.epochs=1"), f"hydra.sweep.dir={sweep}"]
+    subprocess.run(cmd, cwd=REPO_ROOT, check=True, capture_output=True, text=True, timeout=900)
+    jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
+    assert len(jobs) == 6
+    for job in jobs:
+        row = read_metrics(job)[-1]
+        assert np.isfinite(row["dn_loss_bbox"]) and row["dn_loss_bbox"] > 0, job
+        assert not (job / "error.txt").exists()

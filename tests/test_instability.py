@@ -169,9 +169,12 @@ class ScipyMatcher:
         return [torch.cdist(boxes, t["boxes"], p=1) - probs[i][:, t["labels"]]
                 for i, (boxes, t) in enumerate(zip(outputs["pred_boxes"], targets))]
 
-    def __call__(self, outputs, targets):
-        matches = [linear_sum_assignment(c.numpy()) for c in self.cost_matrices(outputs, targets)]
+    def assign(self, costs):
+        matches = [linear_sum_assignment(c.numpy()) for c in costs]
         return [(torch.as_tensor(q, dtype=torch.int64), torch.as_tensor(t, dtype=torch.int64)) for q, t in matches]
+
+    def __call__(self, outputs, targets):
+        return self.assign(self.cost_matrices(outputs, targets))
 
 
 def probe_loader():
