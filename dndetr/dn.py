@@ -10,7 +10,6 @@ the clean boxes and labels at every decoder layer.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import DNConfig

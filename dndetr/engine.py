@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 import random
 import signal

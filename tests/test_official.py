@@ -19,8 +19,8 @@ from dndetr.models import MODELS
 from dndetr.official import (export_official, load_checkpoint_file, load_into, official_to_ours,
                              ours_to_official)
 
-KEYS_DIR = Path(os.environ.get("DNDETR_OFFICIAL_KEYS",
-                               Path(__file__).resolve().parents[2] / "shared/spec/official_keys"))
+# The state-dict layouts of the official checkpoints (copied from the project's spec, shared/spec/official_keys).
+KEYS_DIR = Path(os.environ.get("DNDETR_OFFICIAL_KEYS", Path(__file__).resolve().parent / "data/official_keys"))
 
 DAB = dict(num_queries=300, class_loss="focal", activation="prelu", dropout=0.0, pe_temperature=20.0)
 # layout -> (key list, model name, ModelConfig overrides, DN groups, (total, trainable) params in millions,

@@ -7,7 +7,6 @@ spatial parts can be concatenated per head; its attention therefore has an outpu
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +109,7 @@ class ProjectedAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, q, k, v, attn_mask=None, padding_mask=None):
-        B, Nq, Nk, h = q.shape[0], q.shape[1], k.shape[1], self.nheads
+        B, Nq, h = q.shape[0], q.shape[1], self.nheads
         q, k, v = (t.view(B, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
         # SDPA's boolean mask marks what may be attended, the opposite of nn.MultiheadAttention's convention.
         allowed = None
