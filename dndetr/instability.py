@@ -83,7 +83,7 @@ def normalised_instability(prev: np.ndarray, curr: np.ndarray, num_objects: np.n
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# storage: <run_dir>/matchings/epoch_XXXX.npz
+# storage: <run_dir>/matchings/epoch_<epoch, 4 digits>.npz
 
 
 @dataclass
@@ -116,7 +116,7 @@ def _check_shapes(where, image_ids, assign, cost, num_objects, layers) -> None:
 
 
 def save_epoch(run_dir, epoch: int, image_ids, assign, cost, num_objects, layers) -> Path:
-    """Write matchings/epoch_XXXX.npz atomically: a crash mid-write leaves every earlier file as it was."""
+    """Write matchings/epoch_<epoch>.npz atomically: a crash mid-write leaves every earlier file as it was."""
     arrays = {"image_ids": np.asarray(image_ids, dtype=np.int64), "assign": np.asarray(assign, dtype=np.int16),
               "cost": np.asarray(cost, dtype=np.float32), "num_objects": np.asarray(num_objects, dtype=np.int32),
               "layers": np.asarray(layers, dtype=np.int64)}
