@@ -152,13 +152,17 @@ class MetricsLog:
 
 # -- evaluation ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model, loader, device, class_loss: str, num_select: int, coco) -> Dict[str, Optional[float]]:
-    """COCO box AP of the model on ``loader``'s images (pycocotools COCOeval), as fractions in [0, 1]."""
+def evaluate(model, loader, device, class_loss: str, num_select: int, coco,
+             on_outputs: Optional[Callable] = None) -> Dict[str, Optional[float]]:
+    """COCO box AP of the model on ``loader``'s images (pycocotools COCOeval), as fractions in [0, 1].
+    ``on_outputs(outputs, targets)`` sees every batch's raw outputs (the matching recorder rides along)."""
     was_training = model.training
     model.eval()
     detections, image_ids = [], []
     for images, masks, targets in loader:
         outputs = model(images.to(device), masks.to(device))
+        if on_outputs is not None:
+            on_outputs(outputs, [{k: v.to(device) for k, v in t.items()} for t in targets])
         sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         for target, result in zip(targets, postprocess(outputs, sizes, class_loss, num_select)):
             image_ids.append(int(target["image_id"]))
@@ -405,13 +409,19 @@ class Trainer:
         row.update(losses)
         if self.main:
             last = epoch == cfg.trainer.epochs - 1
-            if (epoch + 1) % cfg.trainer.eval_every == 0 or last:
+            evaluate_now = (epoch + 1) % cfg.trainer.eval_every == 0 or last
+            record_now = cfg.instability.enabled and ((epoch + 1) % cfg.instability.every == 0 or last)
+            # When the probe images are the evaluation images, one eval-mode pass serves both.
+            shared = (evaluate_now and record_now and self.probe_set is self.val_set
+                      and cfg.instability.max_images is None)
+            recorder = instability.MatchingRecorder(self.matcher, cfg.instability.all_layers, cfg.model.dec_layers)
+            if evaluate_now:
                 start = time.perf_counter()
-                row.update(self.evaluate())
+                row.update(self.evaluate(recorder.add if shared else None))
                 row["eval_time"] = time.perf_counter() - start
-            if cfg.instability.enabled and ((epoch + 1) % cfg.instability.every == 0 or last):
+            if record_now:
                 start = time.perf_counter()
-                row.update(self.record_instability(epoch))
+                row.update(self.record_instability(epoch, recorder if shared else None))
                 row["record_time"] = time.perf_counter() - start
         row["iter_time"] = iter_time
         row["train_time"] = train_time
@@ -428,18 +438,22 @@ class Trainer:
             self.save()
         return row
 
-    def evaluate(self) -> Dict[str, Optional[float]]:
+    def evaluate(self, on_outputs: Optional[Callable] = None) -> Dict[str, Optional[float]]:
         fault_point("eval", self.epoch)
         loader = eval_loader(self.val_set, self.cfg.data.val_batch_size, self.cfg.data.num_workers)
         return evaluate(self.model, loader, self.device, self.cfg.model.class_loss, self.cfg.model.num_select,
-                        self.val_set.coco)
+                        self.val_set.coco, on_outputs)
 
-    def record_instability(self, epoch: int) -> Dict[str, float]:
+    def record_instability(self, epoch: int, recorder=None) -> Dict[str, float]:
+        """Save this epoch's matchings (from ``recorder`` when evaluation already filled it) and return IS."""
         cfg = self.cfg.instability
-        loader = eval_loader(self.probe_set, self.cfg.data.val_batch_size, self.cfg.data.num_workers,
-                             cfg.max_images)
-        record = instability.record_matchings(self.model, loader, self.matcher, self.device, cfg.all_layers,
-                                              self.cfg.model.dec_layers)
+        if recorder is not None:
+            record = recorder.result()
+        else:
+            loader = eval_loader(self.probe_set, self.cfg.data.val_batch_size, self.cfg.data.num_workers,
+                                 cfg.max_images)
+            record = instability.record_matchings(self.model, loader, self.matcher, self.device, cfg.all_layers,
+                                                  self.cfg.model.dec_layers)
         instability.save_epoch(self.run_dir, epoch, *record)
         fault_point("record", epoch)  # recorded, not yet in metrics.jsonl: the resumed run redoes the epoch
         return instability.epoch_metrics(self.run_dir, epoch)

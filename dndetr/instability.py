@@ -231,39 +231,56 @@ def decoder_layer_outputs(outputs: dict, all_layers: bool, num_layers: Optional[
     return layer_dicts, list(range(num_layers))
 
 
+class MatchingRecorder:
+    """Collects the assignment vectors of eval-mode outputs batch by batch (``add``), so that the engine can record
+    during the evaluation pass instead of running the model over the probe images a second time."""
+
+    def __init__(self, matcher, all_layers: bool = False, num_layers: Optional[int] = None):
+        self.matcher, self.all_layers, self.num_layers = matcher, all_layers, num_layers
+        self.image_ids, self.num_objects, self.assign, self.cost, self.layers = [], [], [], [], None
+
+    @torch.no_grad()
+    def add(self, outputs: dict, targets: List[dict]) -> None:
+        layer_dicts, self.layers = decoder_layer_outputs(outputs, self.all_layers, self.num_layers)
+        num_queries = outputs["pred_logits"].shape[1]
+        batch_assign, batch_cost = [], []
+        for layer_out in layer_dicts:
+            matrices = self.matcher.cost_matrices(layer_out, targets)
+            indices = self.matcher.assign(matrices)  # the training matcher's assignment, costs computed once
+            batch_assign.append([assignment_vector(ix, num_queries) for ix in indices])
+            batch_cost.append([matched_costs(ix, c) for ix, c in zip(indices, matrices)])
+        self.assign.append(np.asarray(batch_assign, dtype=np.int16))  # [R, B, Q]
+        self.cost.append(np.asarray(batch_cost, dtype=np.float32))
+        self.image_ids += [int(t["image_id"]) for t in targets]
+        self.num_objects += [len(t["labels"]) for t in targets]
+
+    def result(self):
+        """(image_ids int64 [I], assign int16 [R, I, Q], cost float32 [R, I, Q], num_objects int32 [I],
+        layers int64 [R]), ready for save_epoch."""
+        if not self.image_ids:
+            raise ValueError("the instability probe loader yielded no images")
+        return (np.asarray(self.image_ids, dtype=np.int64), np.concatenate(self.assign, axis=1),
+                np.concatenate(self.cost, axis=1), np.asarray(self.num_objects, dtype=np.int32),
+                np.asarray(self.layers, dtype=np.int64))
+
+
 @torch.no_grad()
 def record_matchings(model, loader, matcher, device, all_layers: bool = False, num_layers: Optional[int] = None):
-    """Match the model's eval-mode predictions on the probe loader to their targets.
+    """Match the model's eval-mode predictions on the probe loader to their targets (see MatchingRecorder.result).
 
-    Returns (image_ids int64 [I], assign int16 [R, I, Q], cost float32 [R, I, Q], num_objects int32 [I],
-    layers int64 [R]) ready for save_epoch. num_layers (the decoder depth) names the last layer when the model
-    returns no aux outputs; by default it is inferred from them. The model's train/eval mode and all RNG states are
-    restored, so recording does not change training.
+    num_layers (the decoder depth) names the last layer when the model returns no aux outputs; by default it is
+    inferred from them. The model's train/eval mode and all RNG states are restored, so recording does not change
+    training.
     """
     device = torch.device(device)
     was_training = model.training
-    image_ids, num_objects, assign, cost, layers = [], [], [], [], None
+    recorder = MatchingRecorder(matcher, all_layers, num_layers)
     model.eval()
     try:
         with preserved_rng(device):
             for images, masks, targets in loader:
                 targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-                outputs = model(images.to(device), masks.to(device))
-                layer_dicts, layers = decoder_layer_outputs(outputs, all_layers, num_layers)
-                num_queries = outputs["pred_logits"].shape[1]
-                batch_assign, batch_cost = [], []
-                for layer_out in layer_dicts:
-                    matrices = matcher.cost_matrices(layer_out, targets)
-                    indices = matcher.assign(matrices)  # the training matcher's assignment, costs computed once
-                    batch_assign.append([assignment_vector(ix, num_queries) for ix in indices])
-                    batch_cost.append([matched_costs(ix, c) for ix, c in zip(indices, matrices)])
-                assign.append(np.asarray(batch_assign, dtype=np.int16))  # [R, B, Q]
-                cost.append(np.asarray(batch_cost, dtype=np.float32))
-                image_ids += [int(t["image_id"]) for t in targets]
-                num_objects += [len(t["labels"]) for t in targets]
+                recorder.add(model(images.to(device), masks.to(device)), targets)
     finally:
         model.train(was_training)
-    if not image_ids:
-        raise ValueError("the instability probe loader yielded no images")
-    return (np.asarray(image_ids, dtype=np.int64), np.concatenate(assign, axis=1), np.concatenate(cost, axis=1),
-            np.asarray(num_objects, dtype=np.int32), np.asarray(layers, dtype=np.int64))
+    return recorder.result()
