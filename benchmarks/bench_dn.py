@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (Stopwatch, build_ours, environment, make_batch, make_optimizer, median,  # noqa: E402
-                               our_step, patched, timed, write_json)
+from benchmarks.common import (Stopwatch, build_ours, check_run_args, make_batch, make_optimizer,  # noqa: E402
+                               median, our_step, patched, save_results, timed)
 from dndetr.criterion import SetCriterion  # noqa: E402
 from dndetr.dn import Denoising  # noqa: E402
 from dndetr.matcher import HungarianMatcher  # noqa: E402
@@ -105,17 +105,11 @@ def main(argv=None) -> None:
         parser.error(f"--groups={args.groups!r}: use comma-separated integers >= 1")
     if not args.groups or min(args.groups) < 1:
         parser.error(f"--groups={args.groups!r}: use comma-separated integers >= 1")
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    torch.set_num_threads(args.threads)
+    check_run_args(parser, args)
 
     result = run(args)
     print_table(result)
-    if args.json:
-        write_json(args.json, {"environment": environment(args.threads, args.device), "args": vars(args),
-                               "command": " ".join(sys.argv), "result": result})
+    save_results(args, "result", result)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (Stopwatch, build_ours, build_peer, environment, make_batch, make_optimizer,  # noqa: E402
-                               median, our_step, parse_names, patched, peer_step, timed, write_json)
+from benchmarks.common import (Stopwatch, build_ours, build_peer, check_run_args, make_batch,  # noqa: E402
+                               make_optimizer, median, our_step, parse_names, patched, peer_step, save_results,
+                               timed)
 from dndetr.matcher import HungarianMatcher  # noqa: E402
 
 
@@ -121,11 +122,7 @@ def main(argv=None) -> None:
         names = parse_names(args.models)
     except ValueError as err:
         parser.error(str(err))
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    torch.set_num_threads(args.threads)
+    check_run_args(parser, args)
 
     results = []
     for name in names:
@@ -133,9 +130,7 @@ def main(argv=None) -> None:
         print_table(results[-1:])
     print()
     print_table(results)
-    if args.json:
-        write_json(args.json, {"environment": environment(args.threads, args.device), "args": vars(args),
-                               "command": " ".join(sys.argv), "results": results})
+    save_results(args, "results", results)
 
 
 if __name__ == "__main__":

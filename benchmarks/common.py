@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import statistics
 import time
 from contextlib import contextmanager
@@ -198,6 +199,21 @@ def environment(threads: int, device: str) -> Dict[str, object]:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def check_run_args(parser, args) -> None:
+    """The options both benchmarks share; a bad one ends the script with argparse's one-line error."""
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    torch.set_num_threads(args.threads)
+
+
+def save_results(args, key: str, value) -> None:
+    if args.json:
+        write_json(args.json, {"environment": environment(args.threads, args.device), "args": vars(args),
+                               "command": " ".join(sys.argv), key: value})
 
 
 def write_json(path: str, payload: dict) -> None:
