@@ -16,7 +16,7 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
 from dndetr.data import DataError
-from dndetr.data.check import bomb_limit, load_annotations
+from dndetr.data.annotations import bomb_limit, load_annotations
 from dndetr.data.synthetic import ensure_synthetic
 from dndetr.data.transforms import build_transforms, drop_degenerate
 
