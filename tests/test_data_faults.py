@@ -258,6 +258,10 @@ def test_check_command_on_clean_data(built_in):
 
 
 # -- issue 16: annotation files named by the tool that wrote them ---------------------------------------------
+ROBOFLOW = ["data.train_split=train", "data.train_ann=train/_annotations.coco.json", "data.val_split=valid",
+            "data.val_ann=valid/_annotations.coco.json"]
+
+
 def roboflow_layout(built_in: Path, root: Path) -> Path:
     """The built-in data laid out as Roboflow exports it: <split>/ with the images and _annotations.coco.json."""
     for source, split in (("train2017", "train"), ("val2017", "valid")):
@@ -268,9 +272,7 @@ def roboflow_layout(built_in: Path, root: Path) -> Path:
 
 def test_annotation_file_names_are_settings(built_in, tmp_path):
     root = roboflow_layout(built_in, tmp_path / "roboflow")
-    cfg = compose_config(["data=roboflow", f"data.root={root}"]).data
-    assert (cfg.train_split, cfg.train_ann) == ("train", "train/_annotations.coco.json")
-    assert (cfg.val_split, cfg.val_ann) == ("valid", "valid/_annotations.coco.json")
+    cfg = compose_config(["data=coco", f"data.root={root}", *ROBOFLOW]).data
     train, val = build_dataset(cfg, "train", train_augment=False), build_dataset(cfg, "val", train_augment=False)
     assert (train.ann_file, val.ann_file) == (root / cfg.train_ann, root / cfg.val_ann)
     assert (len(train), len(val)) == (SMALL.num_train, SMALL.num_val)
@@ -312,6 +314,7 @@ def test_root_that_is_a_file_through_train(tmp_path):
     assert_one_error_line(result, f"data root {tmp_path / 'coco.tar'} is a file, not a folder")
 
 
+@pytest.mark.slow  # two train.py processes, one of which trains an epoch: about 20 s under load
 def test_run_folder_survives_a_run_that_fails_on_bad_data(data_copy, tmp_path):
     run, overrides = tmp_path / "run", TINY + ["data=coco", f"data.root={data_copy}", "trainer.epochs=1"]
     run_train(run, overrides, timeout=300)
