@@ -39,8 +39,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.image_dir = root / split
         self.ann_file = root / (ann_file or DEFAULT_ANN.format(split=split))
         if not self.ann_file.is_file():
-            raise DataError(f"annotation file {self.ann_file} not found (COCO layout: <root>/{DEFAULT_ANN.format(split='<split>')}, "
-                            "or set data.train_ann / data.val_ann relative to data.root)")
+            raise DataError(f"annotation file {self.ann_file} not found (COCO layout: "
+                            "<root>/annotations/instances_<split>.json, or set data.train_ann / data.val_ann)")
         if not self.image_dir.is_dir():
             raise DataError(f"image folder {self.image_dir} not found (COCO layout: <root>/<split>/)")
         self.coco, self.notes = load_coco(self.ann_file, self.image_dir if check_files else None)
