@@ -152,6 +152,8 @@ def test_image_over_the_decompression_bomb_limit(data_copy, monkeypatch):
         dataset[0]
     assert str(err.value) == (f"image file {data_copy / 'val2017/000000000001.png'} has more than 200 pixels, "
                               "PIL's decompression-bomb limit: downscale it")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the user switched PIL's limit off
+    assert len(CocoDetection(data_copy, "train2017")) == SMALL.num_train
 
 
 @pytest.mark.parametrize("width, height", [("64", "64"), (64.0, 64), (None, 64), (0, 64)])

@@ -26,9 +26,9 @@ FIRST = 3  # examples of each kind in the one-line message
 REPORT_FIRST = 20  # examples of each kind in the command's report
 
 
-def bomb_limit() -> int:
-    """PIL refuses to open images of more pixels than this (a warning already from half of it)."""
-    return 2 * Image.MAX_IMAGE_PIXELS
+def bomb_limit() -> int | None:
+    """PIL refuses to open images of more pixels than this (a warning already from half of it); None: no limit."""
+    return None if Image.MAX_IMAGE_PIXELS is None else 2 * Image.MAX_IMAGE_PIXELS
 
 
 class AnnotationProblems(DataError):
@@ -115,7 +115,7 @@ def check_images(images: list, add, image_dir: Path | None) -> set:
         if not (is_int(width) and is_int(height) and width > 0 and height > 0):
             add("image sizes that are not positive ints",
                 f"images[{i}] has width {width!r} and height {height!r}, expected positive ints")
-        elif width * height > bomb_limit():
+        elif bomb_limit() is not None and width * height > bomb_limit():
             add("images over PIL's decompression-bomb limit", f"images[{i}] is {width}x{height}, more than "
                 f"{bomb_limit()} pixels: downscale it")
         if outside_folder(image["file_name"]):
