@@ -238,8 +238,11 @@ def test_check_command_reports_all_problems(data_copy, capsys):
     assert check_main([str(data_copy), "--num-queries", "3"]) == 2
     out = capsys.readouterr().out
     assert "7 problems" in out and "  4 duplicate annotation ids:" in out
-    assert out.count("repeats an earlier annotation's id") == 4  # all of them, not the first three
+    assert out.count("repeats an earlier annotation's id") == 4  # all of them (up to 20), not the first three
     assert f"{data_copy / 'annotations/instances_val2017.json'}: ok" in out  # the clean file still gets its stats
+    assert check_main([str(data_copy), "--first", "2"]) == 2
+    out = capsys.readouterr().out
+    assert out.count("repeats an earlier annotation's id") == 2 and "    ... and 2 more (--first 0 lists all)" in out
     assert check_main([str(data_copy), "--images"]) == 2
     out = capsys.readouterr().out
     assert f"images[1] file {data_copy / 'val2017/000000000002.png'} does not exist" in out

@@ -23,7 +23,6 @@ log = logging.getLogger("dndetr")
 # a 5M-way classifier of several GB, so ids are capped; LVIS (1203) and Objects365 (365) fit.
 MAX_CATEGORY_ID = 10_000
 FIRST = 3  # examples of each kind in the one-line message
-REPORT_FIRST = 20  # examples of each kind in the command's report
 
 
 def bomb_limit() -> int | None:
@@ -49,13 +48,14 @@ class AnnotationProblems(DataError):
                  for kind, details in self.problems.items()]
         return f"annotation file {self.path} has {self.count} problems: {'; '.join(kinds)}"
 
-    def report(self) -> list:
+    def report(self, first: int | None = None) -> list:
+        """Readable lines: each kind with its count and its first ``first`` problems (all of them for None)."""
         lines = [f"{self.path}: {self.count} problem{'s' * (self.count > 1)}"]
         for kind, details in self.problems.items():
             lines.append(f"  {len(details)} {kind}:")
-            lines += [f"    {detail}" for detail in details[:REPORT_FIRST]]
-            if len(details) > REPORT_FIRST:
-                lines.append(f"    ... and {len(details) - REPORT_FIRST} more")
+            lines += [f"    {detail}" for detail in details[:first]]
+            if len(details) > len(details[:first]):
+                lines.append(f"    ... and {len(details) - first} more (--first 0 lists all)")
         return lines
 
 

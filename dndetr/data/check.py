@@ -38,6 +38,7 @@ def main(argv=None) -> int:
                                             "default annotations/instances_<train split>.json")
     parser.add_argument("--val-ann", help="validation annotation file (data.val_ann)")
     parser.add_argument("--images", action="store_true", help="also check that every image file exists")
+    parser.add_argument("--first", type=int, default=20, help="problems listed per kind (default 20, 0 = all)")
     parser.add_argument("--num-queries", type=int, default=100, help="count images with more objects (default 100)")
     args = parser.parse_args(argv)
     clean_run = True
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
         try:
             lines = describe(CocoDetection(args.root, split, ann_file=ann, check_files=args.images), args.num_queries)
         except AnnotationProblems as err:
-            lines, clean_run = err.report(), False
+            lines, clean_run = err.report(args.first or None), False
         except DataError as err:
             lines, clean_run = [str(err)], False
         print("\n".join(lines))
