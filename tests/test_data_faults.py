@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import shutil
 import subprocess
 import sys
@@ -230,6 +231,8 @@ def test_every_problem_is_reported_in_one_line(data_copy):
         f"annotations[2] (id {first}) repeats an earlier annotation's id, annotations[3] (id {first}) repeats an "
         "earlier annotation's id, ...); "
         "1 unknown category_ids (first: annotations[5] (id 6) has unknown category_id 77)")
+    copy = pickle.loads(pickle.dumps(err.value))
+    assert (str(copy), copy.problems) == (str(err.value), err.value.problems)
 
 
 def test_check_command_reports_all_problems(data_copy, capsys):

@@ -41,6 +41,9 @@ class AnnotationProblems(DataError):
         self.count = sum(len(details) for details in problems.values())
         super().__init__(self.summary())
 
+    def __reduce__(self):  # picklable like other exceptions (a DataLoader worker or a sweep job may pass it on)
+        return type(self), (self.path, self.problems)
+
     def summary(self) -> str:
         if self.count == 1:
             return f"annotation file {self.path}: {next(iter(self.problems.values()))[0]}"
