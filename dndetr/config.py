@@ -133,6 +133,9 @@ class DataConfig:
     root: str = ".cache/synthetic"
     train_split: str = "train2017"  # COCO layout: <root>/<split>/ images, <root>/annotations/instances_<split>.json
     val_split: str = "val2017"
+    # annotation files relative to root (Roboflow: <split>/_annotations.coco.json); null = the COCO layout's
+    train_ann: Optional[str] = None
+    val_ann: Optional[str] = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # DETR augmentation, scalable for CPU runs: shorter side drawn from train_scales, longer side <= max_size
     train_scales: List[int] = field(default_factory=lambda: list(range(480, 801, 32)))
@@ -153,6 +156,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_choice("data.name", self.name, ("synthetic", "coco"))
         check(bool(self.root), "data.root", self.root, "must name the dataset folder (data=coco needs data.root=...)")
+        for key in ("train_ann", "val_ann"):
+            check(getattr(self, key) != "", f"data.{key}", getattr(self, key),
+                  "must name a file relative to data.root, or be null for annotations/instances_<split>.json")
         check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
         check(self.val_batch_size >= 1, "data.val_batch_size", self.val_batch_size, "must be >= 1")
         check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
