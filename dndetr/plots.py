@@ -98,7 +98,7 @@ def figure2_settings(groups: Dict[str, List[Run]]) -> Tuple[Dict[str, str], Opti
                 found[arm].append(label)
     missing = [arm for arm, labels in found.items() if len(labels) != 1]
     if missing:
-        return {}, "; ".join(f"{arm} is {len(found[arm])} settings" for arm in missing)
+        return {}, "; ".join(f"{arm} matches {len(found[arm])} settings (needs 1)" for arm in missing)
     return {arm: labels[0] for arm, labels in found.items()}, None
 
 
