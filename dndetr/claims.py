@@ -208,7 +208,8 @@ def claims_markdown(outcomes: List[Outcome], source: Path) -> str:
             settings += f", reference = `{describe(c.reference)}`"
         measured = ["n/a", "n/a", "0 seeds"]
         if o.diff is not None and not math.isnan(o.diff.mean):
-            measured = report.effect_cells(vars(o.diff), c.metric)
+            against = report.number(c.value, c.metric) if c.b is None else ""
+            measured = report.effect_cells(vars(o.diff), c.metric, against)
         rows.append([i, c.text, f"{tested_as(c)}; {settings}", *measured, f"**{o.verdict}**"])
         notes += [f"{i}. {note}" for note in o.notes]
     text = (f"# Claims\n\nFrom `{source}`. Effect: a - b (or a - the stated value), in the units of summary.md; "

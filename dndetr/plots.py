@@ -34,8 +34,8 @@ def integer_epoch_ticks(ax, epochs: Sequence[int]) -> None:
 
 def band_title(curves: Curves) -> str:
     counts = {int(stats["n"].max()) for _, stats in curves.values()}
-    n = str(counts.pop()) if len(counts) == 1 else "n"
-    return f"mean and 95 % CI over {n} seeds"
+    n = counts.pop() if len(counts) == 1 else "n"
+    return f"mean and 95 % CI over {n} seed{'' if n == 1 else 's'}"
 
 
 def curve_figure(curves: Curves, xlabel: str, ylabel: str, title: str):

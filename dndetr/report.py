@@ -285,10 +285,13 @@ def summary_markdown(summary: pd.DataFrame, diffs: pd.DataFrame, from_epoch: int
     return text
 
 
-def effect_cells(diff: dict, metric: Metric) -> List[str]:
-    """The effect, its 95 % CI and how it was computed: the cells claims.md and summary.md share."""
+def effect_cells(diff: dict, metric: Metric, against: str = "") -> List[str]:
+    """The effect, its 95 % CI and how it was computed: the cells claims.md and summary.md share. ``against``:
+    the constant a one-setting effect is measured from ("" for a difference of two settings)."""
     sign = "+" if diff["mean"] > 0 else ""
-    if diff["paired"]:
+    if against:
+        seeds = f"{diff['n']} seeds; above {against} in {diff['a_greater']}, below in {diff['b_greater']}"
+    elif diff["paired"]:
         seeds = f"{diff['n']} paired; a > b in {diff['a_greater']}, a < b in {diff['b_greater']}"
     else:
         seeds = f"unpaired (Welch), n >= {diff['n']} per side"

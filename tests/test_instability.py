@@ -410,3 +410,17 @@ def test_analysis_does_not_import_pickle():
     source = (REPO / "analysis" / "instability.py").read_text() + "".join(
         (REPO / "dndetr" / f"{name}.py").read_text() for name in ("runs", "report", "stats", "plots", "claims"))
     assert "import pickle" not in source and "pickle.load" not in source and "Unpickler" not in source
+
+
+def test_one_epoch_plot_has_integer_epoch_ticks():
+    from dndetr.plots import curve_figure
+
+    one_epoch = pd.DataFrame({"mean": [0.3], "low": [float("nan")], "high": [float("nan")], "n": [1]}, index=[0])
+    for epochs in ([0], [0, 1], list(range(40))):
+        stats = pd.concat([one_epoch] * len(epochs)).set_axis(epochs)
+        fig = curve_figure({"s": (np.array(epochs), stats)}, "epoch", "AP (%)", "t")
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (epochs, ticks)
+        assert ax.get_legend().get_title().get_text() == "mean and 95 % CI over 1 seed"
