@@ -65,7 +65,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     keys = setting_keys(runs)
     groups = group_runs(runs, keys)
     try:
-        ref_label = report.match_setting(groups, args.reference, "--reference") if args.reference else next(iter(groups))
+        ref_label = next(iter(groups))
+        if args.reference:
+            ref_label = report.match_setting(groups, args.reference, "--reference")
         if ref_label is None:
             raise ValueError(f"--reference={args.reference}: no setting matches (settings: {'; '.join(groups)})")
         ref = report.reference(groups, ref_label, args.reach)

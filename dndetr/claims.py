@@ -164,7 +164,8 @@ def evaluate(claim: Claim, groups: Dict[str, List[Run]], where: str) -> Outcome:
         outcome.notes.append(f"too few seeds with a value ({diff.n}); at least 2 are needed")
     for label, seeds in ((a, repeats), (b, other_repeats)):
         if seeds:
-            outcome.notes.append(f"`{label}` repeats seed(s) {', '.join(seeds)}: those runs are averaged and count once")
+            outcome.notes.append(f"`{label}` repeats seed(s) {', '.join(seeds)}: those runs are averaged and count "
+                                 f"once")
     if claim.metric.reduce in report.REACH:
         missed = [label for label, v in ((a, values), (b, other)) if label and any(map(math.isnan, v.values()))]
         if missed:
