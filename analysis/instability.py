@@ -17,10 +17,13 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from dndetr import claims as study_claims
-from dndetr import report
-from dndetr.plots import make_plots
-from dndetr.runs import group_runs, read_runs, setting_keys
+# The library of this checkout, also when another checkout of the project is the one installed in the environment.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dndetr import claims as study_claims  # noqa: E402
+from dndetr import report  # noqa: E402
+from dndetr.plots import make_plots  # noqa: E402
+from dndetr.runs import group_runs, read_runs, setting_keys  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -43,6 +46,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.out is None and not args.paths[0].is_dir():  # do not create a mistyped path to put the report in
+        print(f"error: {args.paths[0]}: not a directory", file=sys.stderr)
+        return 2
     out = args.out or args.paths[0] / "instability_report"
     try:  # a mistake in the claims file stops the analysis before anything is written
         claims = study_claims.load_claims(args.claims) if args.claims else []

@@ -23,6 +23,7 @@ SEED_KEYS = ("trainer.seed", "seed")
 ALWAYS_KEYS = ("model",)  # a setting key even when every run uses the same model
 LOG_TAIL = 256 * 1024  # bytes of a submitit log that are read: a traceback is at its end
 TRACEBACK = "Traceback (most recent call last):"
+SUBMITIT_SUCCESS = "Job completed successfully"  # what submitit logs when the job's function returned
 SLURM_ERROR = re.compile(r"CANCELLED|DUE TO TIME LIMIT|oom[-_ ]kill|Out Of Memory|NODE FAIL", re.IGNORECASE)
 
 
@@ -242,7 +243,8 @@ def submitit_failures(sweep: Path) -> List[Tuple[str, str]]:
             logs.setdefault(log.name.rpartition("_log.")[0], []).append(log)
     failures = []
     for job, paths in logs.items():
-        text = "\n".join(log_tail(p) for p in paths)
+        # only what follows the last success counts: a requeued job appends to its logs
+        text = "\n".join(log_tail(p).rpartition(SUBMITIT_SUCCESS)[2] for p in paths)
         raised = exception_line(text)
         killed = next((line.strip() for line in text.splitlines() if SLURM_ERROR.search(line)), None)
         see = f"see {paths[0]}"

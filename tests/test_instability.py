@@ -388,7 +388,9 @@ def test_analysis_marks_run_of_failed_submitit_job_without_unpickling(tmp_path):
               job_id="5_0")
     (sweep / ".submitit" / "5").mkdir(parents=True)
     (sweep / ".submitit" / "5" / "5_0_log.err").write_text(submitit_traceback("RuntimeError: boom"))
-    (sweep / ".submitit" / "5" / "5_1_log.err").write_text("")
+    # job 5_1 raised, was requeued (preempted) and then completed: not a failure
+    (sweep / ".submitit" / "5" / "5_1_log.err").write_text(submitit_traceback("RuntimeError: preempted") +
+                                                          "submitit INFO (...) - Job completed successfully\n")
     marker = tmp_path / "pwned"
     payload = pickle.dumps(CreatesFileWhenUnpickled(marker))
     pickle.loads(pickle.dumps(CreatesFileWhenUnpickled(tmp_path / "proof")))  # the payload does run when unpickled
@@ -403,7 +405,7 @@ def test_analysis_marks_run_of_failed_submitit_job_without_unpickling(tmp_path):
     row = pd.read_csv(out / "summary.csv").iloc[0]
     assert (row.n_seeds, row.n_failed, row.final_AP_mean) == (1, 1, pytest.approx(0.3))
     assert f"`{sweep / '1'}`: submitit job 5_0 failed: RuntimeError: boom" in (out / "failures.md").read_text()
-    assert "5_1" not in (out / "failures.md").read_text()  # a job with a result and a clean log is not a failure
+    assert "5_1" not in (out / "failures.md").read_text()  # a result and success after the traceback
 
 
 def test_analysis_does_not_import_pickle():
@@ -424,3 +426,10 @@ def test_one_epoch_plot_has_integer_epoch_ticks():
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks), (epochs, ticks)
         assert ax.get_legend().get_title().get_text() == "mean and 95 % CI over 1 seed"
+
+
+def test_analysis_of_a_missing_folder_creates_nothing(tmp_path, capsys):
+    missing = tmp_path / "multirun" / "typo"
+    assert load_analysis().main([str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: not a directory\n"
+    assert not (tmp_path / "multirun").exists()
