@@ -149,3 +149,24 @@ def test_reach_claim_with_a_seed_that_never_reaches_is_not_supported(tmp_path):
     assert outcome.diff.n == 2 and outcome.diff.mean == pytest.approx(-0.4)
     assert outcome.verdict == stats.UNDECIDED
     assert any("never reached" in note for note in outcome.notes)
+
+
+def test_figure2_arms_recognised_from_the_study_experiments_configs():
+    """The Figure 2 view finds its arms by config keys; compose the real study experiments to check those keys."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from dndetr.config import register_configs
+    from dndetr.plots import figure2_settings
+    from dndetr.runs import Run
+
+    register_configs()
+    groups = {}
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for experiment in ARMS:
+            config = OmegaConf.to_container(compose("config", overrides=[f"experiment={experiment}"]), resolve=True)
+            groups[f"experiment={experiment}"] = [Run(path=Path(experiment), config=config)]
+    arms, why_not = figure2_settings(groups)
+    assert why_not is None
+    assert arms == {"DETR": "experiment=study_detr", "DAB-DETR": "experiment=study_dab",
+                    "DN-DAB-DETR": "experiment=study_dn_dab"}
