@@ -167,10 +167,11 @@ def evaluate(claim: Claim, groups: Dict[str, List[Run]], where: str) -> Outcome:
             outcome.notes.append(f"`{label}` repeats seed(s) {', '.join(seeds)}: those runs are averaged and count "
                                  f"once")
     if claim.metric.reduce in report.REACH:
-        missed = [label for label, v in ((a, values), (b, other)) if label and any(map(math.isnan, v.values()))]
+        counts = [(label, sum(map(math.isnan, v.values())), len(v)) for label, v in ((a, values), (b, other)) if label]
+        missed = [f"{k} of {n} seeds of `{label}`" for label, k, n in counts if k]
         if missed:
-            outcome.notes.append(f"some seeds of {', '.join(f'`{m}`' for m in missed)} never reached "
-                                 f"{100 * ref.target:.2f} % AP; the CI covers only those that did")
+            outcome.notes.append(f"{', '.join(missed)} never reached {100 * ref.target:.2f} % AP; the CI covers only "
+                                 f"those that did")
             if outcome.verdict == stats.SUPPORTED:
                 outcome.verdict = stats.UNDECIDED
     return outcome
