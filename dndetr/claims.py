@@ -162,6 +162,10 @@ def evaluate(claim: Claim, groups: Dict[str, List[Run]], where: str) -> Outcome:
     outcome = Outcome(claim, stats.verdict(diff.low, diff.high, diff.n, claim.direction), diff)
     if diff.n < 2:
         outcome.notes.append(f"too few seeds with a value ({diff.n}); at least 2 are needed")
+    elif b and diff.paired and diff.n < max(len(values), len(other)):
+        outcome.notes.append(f"paired over the {diff.n} seeds both settings have a value for; the others are left out")
+    elif b and not diff.paired:
+        outcome.notes.append("fewer than 2 seeds in common: compared unpaired (Welch)")
     for label, seeds in ((a, repeats), (b, other_repeats)):
         if seeds:
             outcome.notes.append(f"`{label}` repeats seed(s) {', '.join(seeds)}: those runs are averaged and count "
