@@ -22,7 +22,7 @@ import torch
 from . import distributed, instability
 from .config import Config, ConfigError
 from .criterion import build_criterion
-from .data import build_dataset, num_classes as dataset_num_classes
+from .data import build_dataset, num_classes as dataset_num_classes, queries_warning
 from .evaluation import evaluate
 from .files import MetricsLog, atomic_torch_save, first_line
 from .models import build_model
@@ -202,6 +202,10 @@ class Trainer:
         log.info("data %s: %d training and %d validation images, %d classes; device %s, precision %s",
                  cfg.data.root, len(self.train_set), len(self.val_set), self.num_classes, self.device,
                  cfg.trainer.precision)
+        for dataset in (self.train_set.dataset, self.val_set):  # recall is capped at num_queries objects per image
+            warning = queries_warning(dataset, cfg.model.num_queries)
+            if warning:
+                log.warning(warning)
         log.info("%s at epoch %d iteration %d; run folder %s", "resuming" if resumed else "starting",
                  self.epoch, self.iteration, self.run_dir)
 
