@@ -47,8 +47,8 @@ class ConditionalDETR(DetrBase):
         # of the box's sine embedding (so its width and height reach the decoder too).
         self.box_query_proj = self.box_query_head()
 
-    def matching_queries(self, batch_size):
-        query_pos = self.query_embed.weight[None].expand(batch_size, -1, -1)
+    def matching_queries(self, batch_size, rows=None):
+        query_pos = self.query_rows("query_embed", rows)[None].expand(batch_size, -1, -1)
         reference = self.decoder.ref_point_head(query_pos).sigmoid()
         return torch.zeros_like(query_pos), {"pos": query_pos, "ref": reference}
 
