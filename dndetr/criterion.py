@@ -78,7 +78,7 @@ class SetCriterion(nn.Module):
         positives weigh alpha |t - p|^gamma BCE(p, t), every other entry (1 - alpha) p^gamma BCE(p, 0)."""
         alpha, gamma = self.cfg.focal_alpha, self.cfg.focal_gamma
         target = ious.detach() ** self.cfg.stable_power
-        best = target.new_zeros(logits.shape[0]).index_reduce(0, image, target, "amax", include_self=False)
+        best = target.new_zeros(logits.shape[0]).scatter_reduce(0, image, target, "amax", include_self=False)
         target = target * (1 / best.clamp(min=1e-12)).clamp(min=1)[image]
         targets = torch.zeros_like(logits)
         targets[image, query, labels] = target.to(logits.dtype)
