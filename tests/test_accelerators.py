@@ -423,3 +423,17 @@ def test_plugin_sweep_runs_on_every_model(tmp_path):
             row = read_metrics(job)[-1]
             assert np.isfinite(row[prefix + "loss_bbox"]) and row[prefix + "loss_bbox"] > 0, job
             assert np.isfinite(row["dn_loss_bbox"]) and "AP" in row, job
+
+
+def test_study_claims_name_existing_presets():
+    """conf/study/accel_study.yaml parses, and each of its settings is a study preset that composes."""
+    import yaml
+    from dndetr.claims import load_claims
+    from helpers import compose_config
+
+    path = REPO_ROOT / "conf" / "study" / "accel_study.yaml"
+    assert len(load_claims(path)) >= 6
+    for setting in yaml.safe_load(path.read_text())["settings"].values():
+        key, experiment = setting.split("=")
+        assert key == "experiment" and (REPO_ROOT / "conf" / "experiment" / f"{experiment}.yaml").exists()
+        assert compose_config([setting]).model.name == "dab"
