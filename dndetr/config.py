@@ -227,6 +227,7 @@ class InstabilityConfig:
     split: str = "val"  # val | train (the unaugmented training images)
     max_images: Optional[int] = None
     all_layers: bool = False  # also record every intermediate decoder layer
+    groups: bool = False  # also record every Group DETR group (IS_group{k}); runs all K groups at recording
 
     def __post_init__(self) -> None:
         check(self.every >= 1, "instability.every", self.every, "must be >= 1")

@@ -98,13 +98,17 @@ class MatchingRecord:
     cost: Optional[np.ndarray]  # float32 [R, I, Q]; None when loaded with with_cost=False
     num_objects: np.ndarray  # int32 [I]
     layers: np.ndarray  # int64 [R]
+    group_assign: Optional[np.ndarray] = None  # int16 [K-1, I, Q]: Group DETR's groups 1..K-1, last layer
 
 
 def epoch_path(run_dir, epoch: int) -> Path:
     return Path(run_dir) / MATCHINGS_DIR / f"epoch_{epoch:04d}.npz"
 
 
-def _check_shapes(where, image_ids, assign, cost, num_objects, layers) -> None:
+def _check_shapes(where, image_ids, assign, cost, num_objects, layers, group_assign=None) -> None:
+    if group_assign is not None and (group_assign.ndim != 3 or group_assign.shape[1:] != assign.shape[1:]):
+        raise ValueError(f"{where}: group_assign has shape {group_assign.shape}, expected [groups, "
+                         f"{assign.shape[1]}, {assign.shape[2]}] to match assign {assign.shape}")
     if assign.ndim != 3:
         raise ValueError(f"{where}: assign must be [layers, images, queries], got shape {assign.shape}")
     num_layers, num_images, _ = assign.shape
@@ -117,11 +121,13 @@ def _check_shapes(where, image_ids, assign, cost, num_objects, layers) -> None:
             raise ValueError(f"{where}: {name} has shape {got}, expected {want} to match assign {assign.shape}")
 
 
-def save_epoch(run_dir, epoch: int, image_ids, assign, cost, num_objects, layers) -> Path:
+def save_epoch(run_dir, epoch: int, image_ids, assign, cost, num_objects, layers, group_assign=None) -> Path:
     """Write matchings/epoch_<epoch>.npz atomically: a crash mid-write leaves every earlier file as it was."""
     arrays = {"image_ids": np.asarray(image_ids, dtype=np.int64), "assign": np.asarray(assign, dtype=np.int16),
               "cost": np.asarray(cost, dtype=np.float32), "num_objects": np.asarray(num_objects, dtype=np.int32),
               "layers": np.asarray(layers, dtype=np.int64)}
+    if group_assign is not None:
+        arrays["group_assign"] = np.asarray(group_assign, dtype=np.int16)
     path = epoch_path(run_dir, epoch)
     _check_shapes(path, **arrays)
     return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
@@ -135,7 +141,7 @@ def load_epoch(run_dir, epoch: int, with_cost: bool = True) -> MatchingRecord:
     names = ("image_ids", "assign", "num_objects", "layers") + (("cost",) if with_cost else ())
     try:
         with np.load(path) as data:
-            arrays = {n: data[n] for n in names if n in data.files}
+            arrays = {n: data[n] for n in names + ("group_assign",) if n in data.files}
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: unreadable matchings file ({err})") from None
     missing = [n for n in names if n not in arrays]
@@ -164,6 +170,12 @@ def pair_metrics(prev: MatchingRecord, curr: MatchingRecord) -> Dict[str, float]
     if len(common):
         changes = per_image_instability(prev.assign[prev_rows], curr.assign[curr_rows]).mean(axis=-1)
         metrics.update({f"IS_layer{k}": float(v) for k, v in zip(common, changes)})
+    if prev.group_assign is not None and curr.group_assign is not None:
+        if prev.group_assign.shape != curr.group_assign.shape:
+            raise ValueError(f"Group DETR groups differ between {prev.path} and {curr.path}")
+        groups = [metrics["IS"]] + [instability(p, c) for p, c in zip(prev.group_assign, curr.group_assign)]
+        metrics.update({f"IS_group{k}": value for k, value in enumerate(groups) if k})
+        metrics["IS_group_mean"] = float(np.mean(groups))
     return metrics
 
 
@@ -212,6 +224,20 @@ class MatchingRecorder:
     def __init__(self, matcher, all_layers: bool = False, num_layers: Optional[int] = None):
         self.matcher, self.all_layers, self.num_layers = matcher, all_layers, num_layers
         self.image_ids, self.num_objects, self.assign, self.cost, self.layers = [], [], [], [], None
+        self.group_assign = []  # per batch [K-1, B, Q] when the outputs carry Group DETR's probe block
+
+    def add_groups(self, outputs: dict, targets: List[dict]) -> None:
+        """Match each extra Group DETR group (last layer) on its own, with the same matcher as group 0."""
+        for block in outputs.get("query_blocks", []):
+            size = block.meta.get("group_size")
+            if size is None:
+                continue
+            groups = []
+            for start in range(0, block.size, size):
+                group_out = {"pred_logits": block.logits[-1][:, start:start + size],
+                             "pred_boxes": block.boxes[-1][:, start:start + size]}
+                groups.append([assignment_vector(ix, size) for ix in self.matcher(group_out, targets)])
+            self.group_assign.append(np.asarray(groups, dtype=np.int16))
 
     @torch.no_grad()
     def add(self, outputs: dict, targets: List[dict]) -> None:
@@ -227,28 +253,33 @@ class MatchingRecorder:
         self.cost.append(np.asarray(batch_cost, dtype=np.float32))
         self.image_ids += [int(t["image_id"]) for t in targets]
         self.num_objects += [len(t["labels"]) for t in targets]
+        self.add_groups(outputs, targets)
 
     def result(self):
         """(image_ids int64 [I], assign int16 [R, I, Q], cost float32 [R, I, Q], num_objects int32 [I],
-        layers int64 [R]), ready for save_epoch."""
+        layers int64 [R]), and group_assign int16 [K-1, I, Q] after them when groups were recorded; ready for
+        save_epoch."""
         if not self.image_ids:
             raise ValueError("the instability probe loader yielded no images")
+        groups = (np.concatenate(self.group_assign, axis=1),) if self.group_assign else ()
         return (np.asarray(self.image_ids, dtype=np.int64), np.concatenate(self.assign, axis=1),
                 np.concatenate(self.cost, axis=1), np.asarray(self.num_objects, dtype=np.int32),
-                np.asarray(self.layers, dtype=np.int64))
+                np.asarray(self.layers, dtype=np.int64)) + groups
 
 
 @torch.no_grad()
-def record_matchings(model, loader, matcher, device, all_layers: bool = False, num_layers: Optional[int] = None):
+def record_matchings(model, loader, matcher, device, all_layers: bool = False, num_layers: Optional[int] = None,
+                     groups: bool = False):
     """Match the model's eval-mode predictions on the probe loader to their targets (see MatchingRecorder.result).
 
     num_layers (the decoder depth) names the last layer when the model returns no aux outputs; by default it is
-    inferred from them. The model's train/eval mode and all RNG states are restored, so recording does not change
-    training.
+    inferred from them. ``groups``: run the model with its probe blocks and record every Group DETR group too.
+    The model's train/eval mode and all RNG states are restored, so recording does not change training.
     """
     device = torch.device(device)
     recorder = MatchingRecorder(matcher, all_layers, num_layers)
+    probe = {"probe": True} if groups else {}
     with eval_mode(model), preserved_rng():
         for images, masks, targets in loader:
-            recorder.add(model(images.to(device), masks.to(device)), targets_to(targets, device))
+            recorder.add(model(images.to(device), masks.to(device), **probe), targets_to(targets, device))
     return recorder.result()

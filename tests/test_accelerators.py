@@ -437,3 +437,38 @@ def test_study_claims_name_existing_presets():
         key, experiment = setting.split("=")
         assert key == "experiment" and (REPO_ROOT / "conf" / "experiment" / f"{experiment}.yaml").exists()
         assert compose_config([setting]).model.name == "dab"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# instability per Group DETR group
+
+
+def test_per_group_matchings_and_instability(tmp_path):
+    """instability.groups: each extra group's recorded matching is the one its queries give alone (the model with
+    that group's rows as its matching queries), saved beside group 0's, and IS_group{k} compares them by epoch."""
+    from dndetr import instability as inst
+
+    model = build("conditional", group=3)
+    images, masks, targets = make_batch((2, 1, 3))
+    for i, t in enumerate(targets):
+        t["image_id"] = 100 + i
+    loader = [(images, masks, targets)]
+    matcher = model.criterion.matcher
+    record = inst.record_matchings(model, loader, matcher, "cpu", groups=True)
+    assert len(inst.record_matchings(model, loader, matcher, "cpu")) == 5  # no group record unless asked
+    group_assign = record[5]
+    assert group_assign.shape == (2, 3, N)
+    for g, rows in enumerate(model.plugins["group"].extra):
+        alone = build("conditional")
+        alone.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("plugins.")})
+        with torch.no_grad():
+            alone.query_embed.weight.copy_(rows["query_embed"])
+        assert np.array_equal(inst.record_matchings(alone, loader, matcher, "cpu")[1][-1], group_assign[g])
+    inst.save_epoch(tmp_path, 0, *record)
+    shifted = np.roll(group_assign, 1, axis=-1)  # a later epoch where groups 1 and 2 moved every match by a query
+    inst.save_epoch(tmp_path, 1, *record[:5], group_assign=shifted)
+    metrics = inst.epoch_metrics(tmp_path, 1)
+    for k in (1, 2):
+        assert metrics[f"IS_group{k}"] == inst.instability(group_assign[k - 1], shifted[k - 1]) > 0
+    assert metrics["IS"] == 0 and metrics["IS_group_mean"] == pytest.approx(
+        (metrics["IS_group1"] + metrics["IS_group2"]) / 3)

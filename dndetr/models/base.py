@@ -124,13 +124,16 @@ class DetrBase(nn.Module, ABC):
         padding_mask = padding_mask.flatten(1)
         return self.encoder(src, padding_mask, pos), padding_mask, pos
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor, targets=None) -> dict:
+    def forward(self, images: torch.Tensor, masks: torch.Tensor, targets=None, probe: bool = False) -> dict:
+        """``probe`` (eval mode, matching record): also run the plug-ins' probe blocks (every Group DETR group)."""
         memory, padding_mask, pos = self.encode(images, masks)
         content, position = self.queries(images.shape[0])
         blocks = []
         if self.training and targets is not None:
             blocks = [block for plugin in self.plugins.values()
                       if (block := plugin.build(targets, content, self)) is not None]
+        elif probe:
+            blocks = [block for plugin in self.plugins.values() if (block := plugin.probe(content, self)) is not None]
         self_attn_mask = None
         if blocks:
             content, position, self_attn_mask, matching = assemble(blocks, content, position)

@@ -85,6 +85,10 @@ class QueryPlugin(nn.Module, ABC):
         """Change the matching queries (training and inference alike); default: unchanged."""
         return content, position
 
+    def probe(self, content: torch.Tensor, model) -> Optional[QueryBlock]:
+        """A block to run in eval mode when the matching recorder asks for it (``instability.groups``); default none."""
+        return None
+
     @abstractmethod
     def build(self, targets: List[dict], content: torch.Tensor, model) -> Optional[QueryBlock]:
         """The block of extra queries for this batch (training only); None for no block."""

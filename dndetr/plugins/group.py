@@ -73,6 +73,9 @@ class GroupDETR(QueryPlugin):
         return QueryBlock(self, content, position, self_mask=group_of[:, None] != group_of[None, :],
                           sees_matching=False, before_matching=False, meta={"group_size": size})
 
+    def probe(self, content: torch.Tensor, model) -> Optional[QueryBlock]:
+        return self.build([], content, model)  # every group's eval-mode outputs, for the per-group IS
+
     def loss(self, block: QueryBlock, targets: List[dict], criterion, num_layers: int) -> Dict[str, torch.Tensor]:
         extra = len(self.extra)
         num_boxes = global_box_count(targets, block.logits.device) * extra  # -> the mean over the extra groups
