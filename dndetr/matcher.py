@@ -25,7 +25,9 @@ def position_modulation(giou: torch.Tensor, batch_size: int, sizes: List[int]) -
     col_image = torch.arange(batch_size, device=device).repeat_interleave(torch.as_tensor(sizes, device=device))
     same_image = row_image[:, None] == col_image[None, :]
     best = s.masked_fill(~same_image, 0).view(batch_size, -1).amax(dim=1)
-    return s * (1 / best.clamp(min=1e-12)).clamp(min=1)[row_image][:, None]
+    scale = torch.where(best > 0, 1 / best.clamp(min=1e-12), torch.ones_like(best)).clamp(min=1)
+    # An image's own pairs end at most at 1; pairs with other images' objects (never assigned) are capped there too.
+    return (s * scale[row_image][:, None]).clamp(max=1)
 
 
 class HungarianMatcher:

@@ -11,7 +11,11 @@ The rule that keeps inference unchanged: the matching queries never see a block 
 queries compute exactly what they computed in training.
 
 A plug-in's parameters are created under their own random generator (:func:`isolated_init`), so two runs that
-differ only in a plug-in share the initial values of every parameter they have in common.
+differ only in a plug-in share the initial values of every parameter they have in common. A plug-in that needs more
+of the model's matching queries (Group DETR's extra groups, H-DETR's one-to-many branch) makes them in ``attach``
+once the model exists (``model.new_query_rows``) and turns them into queries with ``model.queries(B, rows)``;
+blocks of extra matching queries are scored with :func:`matching_block_losses`. Query-axis order:
+[DN | matching queries (group 0) | Group DETR groups 1..K-1 | one-to-many], the plug-ins' registration order.
 """
 from __future__ import annotations
 
