@@ -427,3 +427,11 @@ def test_plugin_sweep_runs_on_every_model(tmp_path):
             row = read_metrics(job)[-1]
             assert np.isfinite(row[key]) and row[key] > 0, job
             assert np.isfinite(row["dn_loss_bbox"]) and "AP" in row, job
+
+
+def test_model_without_query_parameters_is_refused(monkeypatch):
+    from dndetr.models.detr import DETR
+
+    monkeypatch.setattr(DETR, "query_modules", ())
+    with pytest.raises(ConfigError, match="model.name='detr' is invalid: it names no matching-query parameters"):
+        build("detr", group=2)

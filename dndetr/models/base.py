@@ -38,8 +38,9 @@ class DetrBase(nn.Module, ABC):
     # the official model stores one of our tensors a second time (official prefix -> our prefix).
     official_mlps: Tuple[str, ...] = ("bbox_embed",)
     official_aliases: Dict[str, str] = {}
-    # The nn.Embedding modules whose rows are the matching queries (row n belongs to query n).
-    query_modules: Tuple[str, ...] = ("query_embed",)
+    # The nn.Embedding modules whose rows are the matching queries (row n belongs to query n); a model that names
+    # none cannot host plug-ins that add matching queries (Group DETR, hybrid matching).
+    query_modules: Tuple[str, ...] = ()
 
     def __init__(self, cfg: ModelConfig, num_classes: int, no_object_class: bool = True, box_queries: bool = False,
                  train_backbone: bool = True):

@@ -33,6 +33,7 @@ def conditional_decoder(cfg) -> DecoderStack:
 
 @register_model("conditional", ConditionalConfig)
 class ConditionalDETR(DetrBase):
+    query_modules = ("query_embed",)
     official_mlps = DetrBase.official_mlps + ("query_scale", "ref_point_head")
 
     def __init__(self, cfg, num_classes, **options):

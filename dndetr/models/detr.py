@@ -21,6 +21,7 @@ class DETRConfig(ModelConfig):
 
 @register_model("detr", DETRConfig)
 class DETR(DetrBase):
+    query_modules = ("query_embed",)
     def __init__(self, cfg, num_classes, **options):
         super().__init__(cfg, num_classes, **options)
         d = cfg.hidden_dim
