@@ -103,6 +103,21 @@ def test_inference_queries_unchanged_by_training_blocks(name, combo):
         assert all(torch.allclose(a, b, atol=1e-5) for a, b in pairs)
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("combo", ["dn+group", "cdn+group+hybrid"])
+def test_combinations_train_on_every_model(name, combo):
+    """Every term of every plug-in is finite and every trainable parameter gets a gradient (DN's label embedding,
+    the extra query rows and the model's own)."""
+    model = build(name, *COMBINATIONS[combo]).train()
+    images, masks, targets = make_batch()
+    losses = model.criterion(model(images, masks, targets), targets)
+    assert {key.split("_loss")[0] for key in losses if not key.startswith("loss")} == set(model.plugins)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+
+
 def test_extra_queries_are_their_own_parameters_and_learn():
     model = build("conditional", group=3, hybrid=7)
     images, masks, targets = make_batch()
