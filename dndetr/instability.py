@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -21,12 +21,16 @@ import torch
 
 from .evaluation import eval_mode
 from .files import atomic_write
+from .matcher import HungarianMatcher
 from .rng import preserved_rng
 from .sampling import targets_to
 
 MATCHINGS_DIR = "matchings"
 EPOCH_FILE = re.compile(r"^epoch_(\d+)\.npz$")
 UNMATCHED = -1
+# Optional int16 [k, I, Q] last-layer assignments beside the main one: Group DETR's groups 1..K-1 (instability.groups)
+# and the matching under a position-modulated training cost (matcher.position_beta > 0)
+EXTRA_ASSIGNMENTS = ("group_assign", "position_assign")
 MAX_TARGETS = np.iinfo(np.int16).max  # target indices are stored as int16
 
 
@@ -98,17 +102,18 @@ class MatchingRecord:
     cost: Optional[np.ndarray]  # float32 [R, I, Q]; None when loaded with with_cost=False
     num_objects: np.ndarray  # int32 [I]
     layers: np.ndarray  # int64 [R]
-    group_assign: Optional[np.ndarray] = None  # int16 [K-1, I, Q]: Group DETR's groups 1..K-1, last layer
+    extras: Dict[str, np.ndarray] = field(default_factory=dict)  # EXTRA_ASSIGNMENTS present in the file
 
 
 def epoch_path(run_dir, epoch: int) -> Path:
     return Path(run_dir) / MATCHINGS_DIR / f"epoch_{epoch:04d}.npz"
 
 
-def _check_shapes(where, image_ids, assign, cost, num_objects, layers, group_assign=None) -> None:
-    if group_assign is not None and (group_assign.ndim != 3 or group_assign.shape[1:] != assign.shape[1:]):
-        raise ValueError(f"{where}: group_assign has shape {group_assign.shape}, expected [groups, "
-                         f"{assign.shape[1]}, {assign.shape[2]}] to match assign {assign.shape}")
+def _check_shapes(where, image_ids, assign, cost, num_objects, layers, extras=None) -> None:
+    for name, extra in (extras or {}).items():
+        if name not in EXTRA_ASSIGNMENTS or extra.ndim != 3 or extra.shape[1:] != assign.shape[1:]:
+            raise ValueError(f"{where}: extra assignment {name} {extra.shape} is not one of {EXTRA_ASSIGNMENTS} "
+                             f"shaped [k, {assign.shape[1]}, {assign.shape[2]}] to match assign {assign.shape}")
     if assign.ndim != 3:
         raise ValueError(f"{where}: assign must be [layers, images, queries], got shape {assign.shape}")
     num_layers, num_images, _ = assign.shape
@@ -121,15 +126,16 @@ def _check_shapes(where, image_ids, assign, cost, num_objects, layers, group_ass
             raise ValueError(f"{where}: {name} has shape {got}, expected {want} to match assign {assign.shape}")
 
 
-def save_epoch(run_dir, epoch: int, image_ids, assign, cost, num_objects, layers, group_assign=None) -> Path:
-    """Write matchings/epoch_<epoch>.npz atomically: a crash mid-write leaves every earlier file as it was."""
+def save_epoch(run_dir, epoch: int, image_ids, assign, cost, num_objects, layers, extras=None) -> Path:
+    """Write matchings/epoch_<epoch>.npz atomically: a crash mid-write leaves every earlier file as it was.
+    ``extras``: optional {name in EXTRA_ASSIGNMENTS: int16 [k, I, Q]} of the last layer."""
     arrays = {"image_ids": np.asarray(image_ids, dtype=np.int64), "assign": np.asarray(assign, dtype=np.int16),
               "cost": np.asarray(cost, dtype=np.float32), "num_objects": np.asarray(num_objects, dtype=np.int32),
               "layers": np.asarray(layers, dtype=np.int64)}
-    if group_assign is not None:
-        arrays["group_assign"] = np.asarray(group_assign, dtype=np.int16)
+    extras = {name: np.asarray(value, dtype=np.int16) for name, value in (extras or {}).items()}
     path = epoch_path(run_dir, epoch)
-    _check_shapes(path, **arrays)
+    _check_shapes(path, **arrays, extras=extras)
+    arrays.update(extras)
     return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
@@ -141,15 +147,16 @@ def load_epoch(run_dir, epoch: int, with_cost: bool = True) -> MatchingRecord:
     names = ("image_ids", "assign", "num_objects", "layers") + (("cost",) if with_cost else ())
     try:
         with np.load(path) as data:
-            arrays = {n: data[n] for n in names + ("group_assign",) if n in data.files}
+            arrays = {n: data[n] for n in names if n in data.files}
+            extras = {n: data[n] for n in EXTRA_ASSIGNMENTS if n in data.files}
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: unreadable matchings file ({err})") from None
     missing = [n for n in names if n not in arrays]
     if missing:
         raise ValueError(f"{path}: missing arrays {missing}")
     arrays.setdefault("cost", None)
-    _check_shapes(path, **arrays)
-    return MatchingRecord(path=path, **arrays)
+    _check_shapes(path, **arrays, extras=extras)
+    return MatchingRecord(path=path, **arrays, extras=extras)
 
 
 def list_epochs(run_dir) -> List[int]:
@@ -170,12 +177,17 @@ def pair_metrics(prev: MatchingRecord, curr: MatchingRecord) -> Dict[str, float]
     if len(common):
         changes = per_image_instability(prev.assign[prev_rows], curr.assign[curr_rows]).mean(axis=-1)
         metrics.update({f"IS_layer{k}": float(v) for k, v in zip(common, changes)})
-    if prev.group_assign is not None and curr.group_assign is not None:
-        if prev.group_assign.shape != curr.group_assign.shape:
-            raise ValueError(f"Group DETR groups differ between {prev.path} and {curr.path}")
-        groups = [metrics["IS"]] + [instability(p, c) for p, c in zip(prev.group_assign, curr.group_assign)]
+    pairs = {name: (prev.extras[name], curr.extras[name]) for name in EXTRA_ASSIGNMENTS
+             if name in prev.extras and name in curr.extras}
+    for name, (p, c) in pairs.items():
+        if p.shape != c.shape:
+            raise ValueError(f"{name} differs in shape between {prev.path} and {curr.path}: {p.shape} vs {c.shape}")
+    if "group_assign" in pairs:
+        groups = [metrics["IS"]] + [instability(p, c) for p, c in zip(*pairs["group_assign"])]
         metrics.update({f"IS_group{k}": value for k, value in enumerate(groups) if k})
         metrics["IS_group_mean"] = float(np.mean(groups))
+    if "position_assign" in pairs:
+        metrics["IS_position_cost"] = instability(pairs["position_assign"][0][0], pairs["position_assign"][1][0])
     return metrics
 
 
@@ -222,9 +234,15 @@ class MatchingRecorder:
     during the evaluation pass instead of running the model over the probe images a second time."""
 
     def __init__(self, matcher, all_layers: bool = False, num_layers: Optional[int] = None):
+        # IS uses the unmodulated cost, so that runs of different methods compare; a position-modulated training
+        # cost (Stable-DINO) is recorded beside it (position_assign -> IS_position_cost).
+        self.position_matcher = None
+        cfg = getattr(matcher, "cfg", None)
+        if getattr(cfg, "position_beta", 0) > 0:
+            self.position_matcher, matcher = matcher, HungarianMatcher(replace(cfg, position_beta=0.0), matcher.loss)
         self.matcher, self.all_layers, self.num_layers = matcher, all_layers, num_layers
         self.image_ids, self.num_objects, self.assign, self.cost, self.layers = [], [], [], [], None
-        self.group_assign = []  # per batch [K-1, B, Q] when the outputs carry Group DETR's probe block
+        self.extras = {name: [] for name in EXTRA_ASSIGNMENTS}  # per batch [k, B, Q]
 
     def add_groups(self, outputs: dict, targets: List[dict]) -> None:
         """Match each extra Group DETR group (last layer) on its own, with the same matcher as group 0."""
@@ -237,7 +255,7 @@ class MatchingRecorder:
                 group_out = {"pred_logits": block.logits[-1][:, start:start + size],
                              "pred_boxes": block.boxes[-1][:, start:start + size]}
                 groups.append([assignment_vector(ix, size) for ix in self.matcher(group_out, targets)])
-            self.group_assign.append(np.asarray(groups, dtype=np.int16))
+            self.extras["group_assign"].append(np.asarray(groups, dtype=np.int16))
 
     @torch.no_grad()
     def add(self, outputs: dict, targets: List[dict]) -> None:
@@ -254,17 +272,20 @@ class MatchingRecorder:
         self.image_ids += [int(t["image_id"]) for t in targets]
         self.num_objects += [len(t["labels"]) for t in targets]
         self.add_groups(outputs, targets)
+        if self.position_matcher is not None:
+            indices = self.position_matcher(layer_dicts[-1], targets)
+            self.extras["position_assign"].append(np.asarray([[assignment_vector(ix, num_queries) for ix in indices]],
+                                                             dtype=np.int16))
 
     def result(self):
         """(image_ids int64 [I], assign int16 [R, I, Q], cost float32 [R, I, Q], num_objects int32 [I],
-        layers int64 [R]), and group_assign int16 [K-1, I, Q] after them when groups were recorded; ready for
-        save_epoch."""
+        layers int64 [R]), then, when any was recorded, the dict of extra assignments; ready for save_epoch."""
         if not self.image_ids:
             raise ValueError("the instability probe loader yielded no images")
-        groups = (np.concatenate(self.group_assign, axis=1),) if self.group_assign else ()
+        extras = {name: np.concatenate(parts, axis=1) for name, parts in self.extras.items() if parts}
         return (np.asarray(self.image_ids, dtype=np.int64), np.concatenate(self.assign, axis=1),
                 np.concatenate(self.cost, axis=1), np.asarray(self.num_objects, dtype=np.int32),
-                np.asarray(self.layers, dtype=np.int64)) + groups
+                np.asarray(self.layers, dtype=np.int64)) + ((extras,) if extras else ())
 
 
 @torch.no_grad()

@@ -450,3 +450,84 @@ def test_model_without_query_parameters_is_refused(monkeypatch):
     monkeypatch.setattr(DETR, "query_modules", ())
     with pytest.raises(ConfigError, match="model.name='detr' is invalid: it names no matching-query parameters"):
         build("detr", group=2)
+
+
+def test_study_claims_name_existing_presets():
+    """conf/study/accel_study.yaml parses, and each of its settings is a study preset that composes."""
+    import yaml
+    from dndetr.claims import load_claims
+    from helpers import compose_config
+
+    path = REPO_ROOT / "conf" / "study" / "accel_study.yaml"
+    assert len(load_claims(path)) >= 6
+    for setting in yaml.safe_load(path.read_text())["settings"].values():
+        key, experiment = setting.split("=")
+        assert key == "experiment" and (REPO_ROOT / "conf" / "experiment" / f"{experiment}.yaml").exists()
+        assert compose_config([setting]).model.name == "dab"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# instability per Group DETR group
+
+
+def test_per_group_matchings_and_instability(tmp_path):
+    """instability.groups: each extra group's recorded matching is the one its queries give alone (the model with
+    that group's rows as its matching queries), saved beside group 0's, and IS_group{k} compares them by epoch."""
+    from dndetr import instability as inst
+
+    model = build("conditional", group=3)
+    images, masks, targets = make_batch((2, 1, 3))
+    for i, t in enumerate(targets):
+        t["image_id"] = 100 + i
+    loader = [(images, masks, targets)]
+    matcher = model.criterion.matcher
+    record = inst.record_matchings(model, loader, matcher, "cpu", groups=True)
+    assert len(inst.record_matchings(model, loader, matcher, "cpu")) == 5  # no group record unless asked
+    group_assign = record[5]["group_assign"]
+    assert group_assign.shape == (2, 3, N)
+    for g, rows in enumerate(model.plugins["group"].extra):
+        alone = build("conditional")
+        alone.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("plugins.")})
+        with torch.no_grad():
+            alone.query_embed.weight.copy_(rows["query_embed"])
+        assert np.array_equal(inst.record_matchings(alone, loader, matcher, "cpu")[1][-1], group_assign[g])
+    inst.save_epoch(tmp_path, 0, *record)
+    shifted = np.roll(group_assign, 1, axis=-1)  # a later epoch where groups 1 and 2 moved every match by a query
+    inst.save_epoch(tmp_path, 1, *record[:5], extras={"group_assign": shifted})
+    metrics = inst.epoch_metrics(tmp_path, 1)
+    for k in (1, 2):
+        assert metrics[f"IS_group{k}"] == inst.instability(group_assign[k - 1], shifted[k - 1]) > 0
+    assert metrics["IS"] == 0 and metrics["IS_group_mean"] == pytest.approx(
+        (metrics["IS_group1"] + metrics["IS_group2"]) / 3)
+
+
+def test_modulated_cost_is_recorded_beside_the_baseline_is(tmp_path):
+    """With matcher.position_beta > 0, IS uses the unmodulated cost (comparable across methods) and the training
+    cost's matching is saved as position_assign -> IS_position_cost."""
+    from dndetr import instability as inst
+
+    model = build("dab")
+    images, masks, targets = make_batch((2, 1, 3))
+    for i, t in enumerate(targets):
+        t["image_id"] = 100 + i
+    loader = [(images, masks, targets)]
+    loss = LossConfig(class_loss="focal")
+    modulated = HungarianMatcher(MatcherConfig(cost_class=2.0, position_beta=0.5), loss)
+    plain = HungarianMatcher(MatcherConfig(cost_class=2.0), loss)
+    record = inst.record_matchings(model, loader, modulated, "cpu")
+    assert np.array_equal(record[1], inst.record_matchings(model, loader, plain, "cpu")[1])
+    assert np.array_equal(record[5]["position_assign"][0], inst.record_matchings(model, loader, _Forced(modulated),
+                                                                                 "cpu")[1][-1])
+    inst.save_epoch(tmp_path, 0, *record)
+    moved = {"position_assign": np.roll(record[5]["position_assign"], 1, axis=-1)}
+    inst.save_epoch(tmp_path, 1, *record[:5], extras=moved)
+    metrics = inst.epoch_metrics(tmp_path, 1)
+    assert metrics["IS"] == 0 and metrics["IS_position_cost"] == inst.instability(
+        record[5]["position_assign"][0], moved["position_assign"][0]) > 0
+
+
+class _Forced:
+    """A matcher the recorder cannot recognise as modulated: it records with exactly this matcher's costs."""
+
+    def __init__(self, matcher):
+        self.cost_matrices, self.assign = matcher.cost_matrices, matcher.assign
