@@ -53,7 +53,9 @@ class DNConfig:
         check(self.max_queries >= 1, "dn.max_queries", self.max_queries, "must be an integer >= 1")
         check(self.num_queries * self.copies <= self.max_queries, "dn.num_queries", self.num_queries,
               f"needs at most dn.max_queries={self.max_queries} DN slots ({self.copies} per query)")
-        check(0.0 <= self.box_noise < 1.0, "dn.box_noise", self.box_noise, "must be in [0, 1)")
+        # DINO-style configs use box noise 1.0: a corner moves by at most the box's side, which is still a box.
+        check(0.0 <= self.box_noise < 1.0 or (self.contrastive and self.box_noise == 1.0), "dn.box_noise",
+              self.box_noise, "must be in [0, 1) ([0, 1] with dn.contrastive)")
         for key in ("center_shift", "box_scale"):
             value = getattr(self, key)
             check(value is None or 0.0 <= value < 1.0, f"dn.{key}", value, "must be null or in [0, 1)")
