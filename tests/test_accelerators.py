@@ -418,32 +418,6 @@ def test_position_modulation_needs_a_sigmoid_loss():
         HungarianMatcher(MatcherConfig(position_beta=0.5), LossConfig(class_loss="ce"))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# through train.py
-
-
-@pytest.mark.slow
-def test_plugin_sweep_runs_on_every_model(tmp_path):
-    """`train.py -m` over the plug-ins and Stable-DINO (each with contrastive DN) on DETR, Conditional DETR and
-    DAB-DETR."""
-    sweep = tmp_path / "sweep"  # one multirun per plug-in: a Hydra sweep is a grid
-    arms = [(["group.groups=3"], "group_loss_bbox"), (["hybrid.queries=20", "hybrid.k=2"], "hybrid_loss_bbox"),
-            (["loss=stable_dino", "matcher=stable_dino"], "loss_ce")]
-    for i, (overrides, key) in enumerate(arms):
-        folder = sweep / str(i)
-        args = [sys.executable, "train.py", "-m", *tiny(tmp_path, "model=detr,conditional,dab", "dn=dino",
-                                                        "dn.num_queries=8", "trainer.epochs=1", *overrides),
-                f"hydra.sweep.dir={folder}"]
-        subprocess.run(args, cwd=REPO_ROOT, check=True, capture_output=True, text=True, timeout=900)
-        jobs = sorted(p for p in folder.iterdir() if p.name.isdigit())
-        assert len(jobs) == 3
-        for job in jobs:
-            assert not (job / "error.txt").exists(), (job / "error.txt").read_text()
-            row = read_metrics(job)[-1]
-            assert np.isfinite(row[key]) and row[key] > 0, job
-            assert np.isfinite(row["dn_loss_bbox"]) and "AP" in row, job
-
-
 def test_model_without_query_parameters_is_refused(monkeypatch):
     from dndetr.models.detr import DETR
 
@@ -531,3 +505,29 @@ class _Forced:
 
     def __init__(self, matcher):
         self.cost_matrices, self.assign = matcher.cost_matrices, matcher.assign
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# through train.py
+
+
+@pytest.mark.slow
+def test_plugin_sweep_runs_on_every_model(tmp_path):
+    """`train.py -m` over the plug-ins and Stable-DINO (each with contrastive DN) on DETR, Conditional DETR and
+    DAB-DETR."""
+    sweep = tmp_path / "sweep"  # one multirun per plug-in: a Hydra sweep is a grid
+    arms = [(["group.groups=3"], "group_loss_bbox"), (["hybrid.queries=20", "hybrid.k=2"], "hybrid_loss_bbox"),
+            (["loss=stable_dino", "matcher=stable_dino"], "loss_ce")]
+    for i, (overrides, key) in enumerate(arms):
+        folder = sweep / str(i)
+        args = [sys.executable, "train.py", "-m", *tiny(tmp_path, "model=detr,conditional,dab", "dn=dino",
+                                                        "dn.num_queries=8", "trainer.epochs=1", *overrides),
+                f"hydra.sweep.dir={folder}"]
+        subprocess.run(args, cwd=REPO_ROOT, check=True, capture_output=True, text=True, timeout=900)
+        jobs = sorted(p for p in folder.iterdir() if p.name.isdigit())
+        assert len(jobs) == 3
+        for job in jobs:
+            assert not (job / "error.txt").exists(), (job / "error.txt").read_text()
+            row = read_metrics(job)[-1]
+            assert np.isfinite(row[key]) and row[key] > 0, job
+            assert np.isfinite(row["dn_loss_bbox"]) and "AP" in row, job
