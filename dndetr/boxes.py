@@ -19,12 +19,16 @@ def _area(boxes: torch.Tensor) -> torch.Tensor:
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
-def _giou(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    """GIoU of broadcast xyxy boxes a [..., 4] and b [..., 4]."""
+def _iou_union(a: torch.Tensor, b: torch.Tensor, eps: float):
     inter_wh = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)
     inter = inter_wh[..., 0] * inter_wh[..., 1]
     union = _area(a) + _area(b) - inter
-    iou = inter / (union + eps)
+    return inter / (union + eps), union
+
+
+def _giou(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """GIoU of broadcast xyxy boxes a [..., 4] and b [..., 4]."""
+    iou, union = _iou_union(a, b, eps)
     hull_wh = (torch.max(a[..., 2:], b[..., 2:]) - torch.min(a[..., :2], b[..., :2])).clamp(min=0)
     hull = hull_wh[..., 0] * hull_wh[..., 1]
     return iou - (hull - union) / (hull + eps)
@@ -33,6 +37,11 @@ def _giou(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
 def generalized_box_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
     """[N, M] GIoU between xyxy boxes a [N, 4] and b [M, 4]."""
     return _giou(a[:, None, :], b[None, :, :], eps)
+
+
+def paired_box_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 0.0) -> torch.Tensor:
+    """[N] IoU of a[i] with b[i] (xyxy)."""
+    return _iou_union(a, b, eps)[0]
 
 
 def paired_generalized_box_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 0.0) -> torch.Tensor:

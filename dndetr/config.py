@@ -78,7 +78,9 @@ class ModelConfig:
 class LossConfig:
     """The criterion's settings. The matcher derives its class-cost type and focal parameters from these, so the
     matching cost and the loss always agree; the matcher group holds only the cost weights."""
-    class_loss: str = "ce"  # "ce": softmax + no-object class (DETR); "focal": sigmoid focal (Conditional, DAB)
+    # "ce": softmax + no-object class (DETR); "focal": sigmoid focal (Conditional, DAB); "stable": Stable-DINO's
+    # position-supervised sigmoid loss on the matched queries (focal for fixed targets such as DN's)
+    class_loss: str = "ce"
     weight_class: float = 1.0
     weight_bbox: float = 5.0
     weight_giou: float = 2.0
@@ -86,9 +88,14 @@ class LossConfig:
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
     giou_eps: float = 0.0  # added to IoU/GIoU denominators: 1e-6 in DAB-DETR's and DN-DETR's code, 0 in DETR's
+    stable_power: float = 2.0  # class_loss=stable: a matched query's class target is IoU^stable_power
+    weight_class_dn: Optional[float] = None  # class weight of fixed-target (DN) losses; null = weight_class
 
     def __post_init__(self) -> None:
-        check_choice("loss.class_loss", self.class_loss, ("ce", "focal"))
+        check_choice("loss.class_loss", self.class_loss, ("ce", "focal", "stable"))
+        check(self.stable_power > 0, "loss.stable_power", self.stable_power, "must be > 0")
+        check(self.weight_class_dn is None or self.weight_class_dn >= 0, "loss.weight_class_dn", self.weight_class_dn,
+              "must be null or >= 0")
         for key in ("weight_class", "weight_bbox", "weight_giou", "eos_coef", "focal_gamma", "giou_eps"):
             check(getattr(self, key) >= 0, f"loss.{key}", getattr(self, key), "must be >= 0")
         check(0.0 <= self.focal_alpha <= 1.0, "loss.focal_alpha", self.focal_alpha, "must be in [0, 1]")
@@ -99,9 +106,12 @@ class MatcherConfig:
     cost_class: float = 1.0
     cost_bbox: float = 5.0
     cost_giou: float = 2.0
+    # Stable-DINO's position-modulated class cost: p * s^position_beta with s = (GIoU + 1) / 2 rescaled per image
+    # (0 = off; Stable-DINO: 0.5); needs a sigmoid class loss (focal or stable)
+    position_beta: float = 0.0
 
     def __post_init__(self) -> None:
-        for key in ("cost_class", "cost_bbox", "cost_giou"):
+        for key in ("cost_class", "cost_bbox", "cost_giou", "position_beta"):
             check(getattr(self, key) >= 0, f"matcher.{key}", getattr(self, key), "must be >= 0")
         costs = (self.cost_class, self.cost_bbox, self.cost_giou)
         check(any(c > 0 for c in costs), "matcher.cost_class/cost_bbox/cost_giou", costs, "at least one cost must be > 0")
@@ -218,6 +228,7 @@ class InstabilityConfig:
     split: str = "val"  # val | train (the unaugmented training images)
     max_images: Optional[int] = None
     all_layers: bool = False  # also record every intermediate decoder layer
+    groups: bool = False  # also record every Group DETR group (IS_group{k}); runs all K groups at recording
 
     def __post_init__(self) -> None:
         check(self.every >= 1, "instability.every", self.every, "must be >= 1")

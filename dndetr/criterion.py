@@ -7,6 +7,7 @@ CE models use a weighted mean over queries with the no-object class down-weighte
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
-from .boxes import cxcywh_to_xyxy, paired_generalized_box_iou
+from .boxes import cxcywh_to_xyxy, paired_box_iou, paired_generalized_box_iou
 from .config import LossConfig
 from .matcher import HungarianMatcher
 
@@ -33,12 +34,16 @@ class SetCriterion(nn.Module):
         super().__init__()
         self.matcher, self.num_classes, self.cfg = matcher, num_classes, cfg
         self.weights = {"loss_ce": cfg.weight_class, "loss_bbox": cfg.weight_bbox, "loss_giou": cfg.weight_giou}
+        # Plug-ins with fixed targets (DN) use the plain class loss, which Stable-DINO weighs on its own.
+        class_dn = cfg.weight_class if cfg.weight_class_dn is None else cfg.weight_class_dn
+        self.fixed_target_weights = dict(self.weights, loss_ce=class_dn)
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = cfg.eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
     def class_loss(self, logits: torch.Tensor, target_classes: torch.Tensor, normaliser: float) -> torch.Tensor:
-        """logits [B,Q,K]; target_classes [B,Q] with num_classes meaning no object."""
+        """logits [B,Q,K]; target_classes [B,Q] with num_classes meaning no object. The stable loss's plain
+        form (for fixed targets such as DN's) is the focal loss."""
         if self.cfg.class_loss == "ce":
             return F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
         onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
@@ -60,16 +65,40 @@ class SetCriterion(nn.Module):
         target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         target_classes[image, query] = matched_labels
         l1, giou = self.box_losses(boxes[image, query], matched_boxes, num_boxes)
-        return {"loss_ce": self.class_loss(logits, target_classes, num_boxes), "loss_bbox": l1, "loss_giou": giou}
+        if self.cfg.class_loss == "stable":
+            ious = paired_box_iou(cxcywh_to_xyxy(boxes[image, query]), cxcywh_to_xyxy(matched_boxes), self.cfg.giou_eps)
+            class_term = self.stable_class_loss(logits, image, query, matched_labels, ious, num_boxes)
+        else:
+            class_term = self.class_loss(logits, target_classes, num_boxes)
+        return {"loss_ce": class_term, "loss_bbox": l1, "loss_giou": giou}
+
+    def stable_class_loss(self, logits, image, query, labels, ious, normaliser: float) -> torch.Tensor:
+        """Stable-DINO's position-supervised loss: a matched (query, class) entry's target is t = IoU^power,
+        rescaled per image so that its best positive has target >= 1 (t * max(1, 1 / max t)), detached;
+        positives weigh alpha |t - p|^gamma BCE(p, t), every other entry (1 - alpha) p^gamma BCE(p, 0)."""
+        alpha, gamma = self.cfg.focal_alpha, self.cfg.focal_gamma
+        target = ious.detach() ** self.cfg.stable_power
+        best = target.new_zeros(logits.shape[0]).scatter_reduce(0, image, target, "amax", include_self=False)
+        target = target * (1 / best.clamp(min=1e-12)).clamp(min=1)[image]
+        targets = torch.zeros_like(logits)
+        targets[image, query, labels] = target.to(logits.dtype)
+        positive = torch.zeros_like(logits, dtype=torch.bool)
+        positive[image, query, labels] = True
+        prob = logits.sigmoid()
+        weight = torch.where(positive, alpha * (targets - prob).abs() ** gamma, (1 - alpha) * prob ** gamma)
+        bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        return (weight * bce).sum() / normaliser
 
     def forward(self, outputs: dict, targets: List[dict]) -> Dict[str, torch.Tensor]:
         """Weighted loss terms (``loss_ce``, ``loss_bbox_0``, ``dn_loss_giou``, ...); the training loss is their sum.
         Terms of the query plug-ins' blocks carry the plug-in's prefix."""
         num_boxes = global_box_count(targets, outputs["pred_logits"].device)
         layers = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
-        losses = {term + suffix: value * self.weights[term]
+        blocks = outputs.get("query_blocks", [])
+        scale = math.prod(block.plugin.matching_loss_scale for block in blocks)
+        losses = {term + suffix: value * self.weights[term] * scale
                   for suffix, out in layers for term, value in self.matching_losses(out, targets, num_boxes).items()}
-        for block in outputs.get("query_blocks", []):
+        for block in blocks:
             prefix = block.plugin.group + "_"
             losses.update({prefix + name: value
                            for name, value in block.plugin.loss(block, targets, self, len(layers)).items()})

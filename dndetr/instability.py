@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -21,12 +21,16 @@ import torch
 
 from .evaluation import eval_mode
 from .files import atomic_write
+from .matcher import HungarianMatcher
 from .rng import preserved_rng
 from .sampling import targets_to
 
 MATCHINGS_DIR = "matchings"
 EPOCH_FILE = re.compile(r"^epoch_(\d+)\.npz$")
 UNMATCHED = -1
+# Optional int16 [k, I, Q] last-layer assignments beside the main one: Group DETR's groups 1..K-1 (instability.groups)
+# and the matching under a position-modulated training cost (matcher.position_beta > 0)
+EXTRA_ASSIGNMENTS = ("group_assign", "position_assign")
 MAX_TARGETS = np.iinfo(np.int16).max  # target indices are stored as int16
 
 
@@ -98,13 +102,18 @@ class MatchingRecord:
     cost: Optional[np.ndarray]  # float32 [R, I, Q]; None when loaded with with_cost=False
     num_objects: np.ndarray  # int32 [I]
     layers: np.ndarray  # int64 [R]
+    extras: Dict[str, np.ndarray] = field(default_factory=dict)  # EXTRA_ASSIGNMENTS present in the file
 
 
 def epoch_path(run_dir, epoch: int) -> Path:
     return Path(run_dir) / MATCHINGS_DIR / f"epoch_{epoch:04d}.npz"
 
 
-def _check_shapes(where, image_ids, assign, cost, num_objects, layers) -> None:
+def _check_shapes(where, image_ids, assign, cost, num_objects, layers, extras=None) -> None:
+    for name, extra in (extras or {}).items():
+        if name not in EXTRA_ASSIGNMENTS or extra.ndim != 3 or extra.shape[1:] != assign.shape[1:]:
+            raise ValueError(f"{where}: extra assignment {name} {extra.shape} is not one of {EXTRA_ASSIGNMENTS} "
+                             f"shaped [k, {assign.shape[1]}, {assign.shape[2]}] to match assign {assign.shape}")
     if assign.ndim != 3:
         raise ValueError(f"{where}: assign must be [layers, images, queries], got shape {assign.shape}")
     num_layers, num_images, _ = assign.shape
@@ -117,13 +126,16 @@ def _check_shapes(where, image_ids, assign, cost, num_objects, layers) -> None:
             raise ValueError(f"{where}: {name} has shape {got}, expected {want} to match assign {assign.shape}")
 
 
-def save_epoch(run_dir, epoch: int, image_ids, assign, cost, num_objects, layers) -> Path:
-    """Write matchings/epoch_<epoch>.npz atomically: a crash mid-write leaves every earlier file as it was."""
+def save_epoch(run_dir, epoch: int, image_ids, assign, cost, num_objects, layers, extras=None) -> Path:
+    """Write matchings/epoch_<epoch>.npz atomically: a crash mid-write leaves every earlier file as it was.
+    ``extras``: optional {name in EXTRA_ASSIGNMENTS: int16 [k, I, Q]} of the last layer."""
     arrays = {"image_ids": np.asarray(image_ids, dtype=np.int64), "assign": np.asarray(assign, dtype=np.int16),
               "cost": np.asarray(cost, dtype=np.float32), "num_objects": np.asarray(num_objects, dtype=np.int32),
               "layers": np.asarray(layers, dtype=np.int64)}
+    extras = {name: np.asarray(value, dtype=np.int16) for name, value in (extras or {}).items()}
     path = epoch_path(run_dir, epoch)
-    _check_shapes(path, **arrays)
+    _check_shapes(path, **arrays, extras=extras)
+    arrays.update(extras)
     return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
@@ -136,14 +148,15 @@ def load_epoch(run_dir, epoch: int, with_cost: bool = True) -> MatchingRecord:
     try:
         with np.load(path) as data:
             arrays = {n: data[n] for n in names if n in data.files}
+            extras = {n: data[n] for n in EXTRA_ASSIGNMENTS if n in data.files}
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: unreadable matchings file ({err})") from None
     missing = [n for n in names if n not in arrays]
     if missing:
         raise ValueError(f"{path}: missing arrays {missing}")
     arrays.setdefault("cost", None)
-    _check_shapes(path, **arrays)
-    return MatchingRecord(path=path, **arrays)
+    _check_shapes(path, **arrays, extras=extras)
+    return MatchingRecord(path=path, **arrays, extras=extras)
 
 
 def list_epochs(run_dir) -> List[int]:
@@ -164,6 +177,17 @@ def pair_metrics(prev: MatchingRecord, curr: MatchingRecord) -> Dict[str, float]
     if len(common):
         changes = per_image_instability(prev.assign[prev_rows], curr.assign[curr_rows]).mean(axis=-1)
         metrics.update({f"IS_layer{k}": float(v) for k, v in zip(common, changes)})
+    pairs = {name: (prev.extras[name], curr.extras[name]) for name in EXTRA_ASSIGNMENTS
+             if name in prev.extras and name in curr.extras}
+    for name, (p, c) in pairs.items():
+        if p.shape != c.shape:
+            raise ValueError(f"{name} differs in shape between {prev.path} and {curr.path}: {p.shape} vs {c.shape}")
+    if "group_assign" in pairs:
+        groups = [metrics["IS"]] + [instability(p, c) for p, c in zip(*pairs["group_assign"])]
+        metrics.update({f"IS_group{k}": value for k, value in enumerate(groups) if k})
+        metrics["IS_group_mean"] = float(np.mean(groups))
+    if "position_assign" in pairs:
+        metrics["IS_position_cost"] = instability(pairs["position_assign"][0][0], pairs["position_assign"][1][0])
     return metrics
 
 
@@ -210,8 +234,28 @@ class MatchingRecorder:
     during the evaluation pass instead of running the model over the probe images a second time."""
 
     def __init__(self, matcher, all_layers: bool = False, num_layers: Optional[int] = None):
+        # IS uses the unmodulated cost, so that runs of different methods compare; a position-modulated training
+        # cost (Stable-DINO) is recorded beside it (position_assign -> IS_position_cost).
+        self.position_matcher = None
+        cfg = getattr(matcher, "cfg", None)
+        if getattr(cfg, "position_beta", 0) > 0:
+            self.position_matcher, matcher = matcher, HungarianMatcher(replace(cfg, position_beta=0.0), matcher.loss)
         self.matcher, self.all_layers, self.num_layers = matcher, all_layers, num_layers
         self.image_ids, self.num_objects, self.assign, self.cost, self.layers = [], [], [], [], None
+        self.extras = {name: [] for name in EXTRA_ASSIGNMENTS}  # per batch [k, B, Q]
+
+    def add_groups(self, outputs: dict, targets: List[dict]) -> None:
+        """Match each extra Group DETR group (last layer) on its own, with the same matcher as group 0."""
+        for block in outputs.get("query_blocks", []):
+            size = block.meta.get("group_size")
+            if size is None:
+                continue
+            groups = []
+            for start in range(0, block.size, size):
+                group_out = {"pred_logits": block.logits[-1][:, start:start + size],
+                             "pred_boxes": block.boxes[-1][:, start:start + size]}
+                groups.append([assignment_vector(ix, size) for ix in self.matcher(group_out, targets)])
+            self.extras["group_assign"].append(np.asarray(groups, dtype=np.int16))
 
     @torch.no_grad()
     def add(self, outputs: dict, targets: List[dict]) -> None:
@@ -227,28 +271,36 @@ class MatchingRecorder:
         self.cost.append(np.asarray(batch_cost, dtype=np.float32))
         self.image_ids += [int(t["image_id"]) for t in targets]
         self.num_objects += [len(t["labels"]) for t in targets]
+        self.add_groups(outputs, targets)
+        if self.position_matcher is not None:
+            indices = self.position_matcher(layer_dicts[-1], targets)
+            self.extras["position_assign"].append(np.asarray([[assignment_vector(ix, num_queries) for ix in indices]],
+                                                             dtype=np.int16))
 
     def result(self):
         """(image_ids int64 [I], assign int16 [R, I, Q], cost float32 [R, I, Q], num_objects int32 [I],
-        layers int64 [R]), ready for save_epoch."""
+        layers int64 [R]), then, when any was recorded, the dict of extra assignments; ready for save_epoch."""
         if not self.image_ids:
             raise ValueError("the instability probe loader yielded no images")
+        extras = {name: np.concatenate(parts, axis=1) for name, parts in self.extras.items() if parts}
         return (np.asarray(self.image_ids, dtype=np.int64), np.concatenate(self.assign, axis=1),
                 np.concatenate(self.cost, axis=1), np.asarray(self.num_objects, dtype=np.int32),
-                np.asarray(self.layers, dtype=np.int64))
+                np.asarray(self.layers, dtype=np.int64)) + ((extras,) if extras else ())
 
 
 @torch.no_grad()
-def record_matchings(model, loader, matcher, device, all_layers: bool = False, num_layers: Optional[int] = None):
+def record_matchings(model, loader, matcher, device, all_layers: bool = False, num_layers: Optional[int] = None,
+                     groups: bool = False):
     """Match the model's eval-mode predictions on the probe loader to their targets (see MatchingRecorder.result).
 
     num_layers (the decoder depth) names the last layer when the model returns no aux outputs; by default it is
-    inferred from them. The model's train/eval mode and all RNG states are restored, so recording does not change
-    training.
+    inferred from them. ``groups``: run the model with its probe blocks and record every Group DETR group too.
+    The model's train/eval mode and all RNG states are restored, so recording does not change training.
     """
     device = torch.device(device)
     recorder = MatchingRecorder(matcher, all_layers, num_layers)
+    probe = {"probe": True} if groups else {}
     with eval_mode(model), preserved_rng():
         for images, masks, targets in loader:
-            recorder.add(model(images.to(device), masks.to(device)), targets_to(targets, device))
+            recorder.add(model(images.to(device), masks.to(device), **probe), targets_to(targets, device))
     return recorder.result()

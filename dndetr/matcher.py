@@ -3,6 +3,7 @@
 Cost = cost_class * class cost + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU). The class cost follows the loss
 (``loss.class_loss``): -p[class] with softmax probabilities for the CE loss (DETR), the focal-loss difference pos - neg
 on sigmoid probabilities for the focal loss (Conditional, DAB), with the loss's alpha, gamma and GIoU epsilon.
+With ``matcher.position_beta`` > 0 (Stable-DINO) the sigmoid probability is multiplied by a per-pair position score.
 """
 from __future__ import annotations
 
@@ -11,18 +12,39 @@ from typing import List, Tuple
 import torch
 from scipy.optimize import linear_sum_assignment
 from .boxes import cxcywh_to_xyxy, generalized_box_iou
-from .config import LossConfig, MatcherConfig
+from .config import ConfigError, LossConfig, MatcherConfig
+
+
+def position_modulation(giou: torch.Tensor, batch_size: int, sizes: List[int]) -> torch.Tensor:
+    """Stable-DINO's s' = (GIoU + 1) / 2 for every (query, target) pair of the flattened batch [B*Q, T], rescaled
+    per image by max(1, 1 / the image's largest s'). Stable-DINO's code scatters s' by class id, which mixes
+    objects of the same class (even across images); here each (query, object) pair keeps its own value."""
+    s = (giou + 1) / 2
+    device = giou.device
+    row_image = torch.arange(batch_size, device=device).repeat_interleave(giou.shape[0] // batch_size)
+    col_image = torch.arange(batch_size, device=device).repeat_interleave(torch.as_tensor(sizes, device=device))
+    same_image = row_image[:, None] == col_image[None, :]
+    best = s.masked_fill(~same_image, 0).view(batch_size, -1).amax(dim=1)
+    scale = torch.where(best > 0, 1 / best.clamp(min=1e-12), torch.ones_like(best)).clamp(min=1)
+    # An image's own pairs end at most at 1; pairs with other images' objects (never assigned) are capped there too.
+    return (s * scale[row_image][:, None]).clamp(max=1)
 
 
 class HungarianMatcher:
     def __init__(self, cfg: MatcherConfig, loss: LossConfig):
         self.cfg, self.loss = cfg, loss
+        if cfg.position_beta > 0 and loss.class_loss == "ce":
+            raise ConfigError(f"matcher.position_beta={cfg.position_beta!r} is invalid: the position-modulated cost "
+                              "needs sigmoid probabilities (loss.class_loss=focal or stable)")
 
-    def class_cost(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def class_cost(self, logits: torch.Tensor, labels: torch.Tensor, modulation=None) -> torch.Tensor:
+        """[Q, T] class cost; ``modulation`` [Q, T] multiplies the sigmoid probabilities (Stable-DINO)."""
         if self.loss.class_loss == "ce":
             return -logits.softmax(-1)[:, labels]
         alpha, gamma = self.loss.focal_alpha, self.loss.focal_gamma
         prob = logits.sigmoid()[:, labels]
+        if modulation is not None:
+            prob = prob * modulation
         negative = (1 - alpha) * prob ** gamma * -(1 - prob + 1e-8).log()
         positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
         return positive - negative
@@ -37,13 +59,15 @@ class HungarianMatcher:
         if len(labels) == 0:
             return [logits.new_zeros(Q, 0).cpu() for _ in targets]
         logits, boxes = logits.flatten(0, 1).float(), boxes.flatten(0, 1).float()
+        sizes = [len(t["labels"]) for t in targets]
+        giou = generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(target_boxes), self.loss.giou_eps)
+        modulation = None
+        if self.cfg.position_beta > 0:
+            modulation = position_modulation(giou, B, sizes) ** self.cfg.position_beta
         cost = (self.cfg.cost_bbox * torch.cdist(boxes, target_boxes, p=1)
-                + self.cfg.cost_class * self.class_cost(logits, labels)
-                - self.cfg.cost_giou * generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(target_boxes),
-                                                           self.loss.giou_eps))
+                + self.cfg.cost_class * self.class_cost(logits, labels, modulation) - self.cfg.cost_giou * giou)
         if not torch.isfinite(cost).all():
             raise FloatingPointError("non-finite matching cost: the model's outputs contain NaN or Inf")
-        sizes = [len(t["labels"]) for t in targets]
         return [c[i] for i, c in enumerate(cost.view(B, Q, -1).cpu().split(sizes, dim=-1))]
 
     def assign(self, costs: List[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:

@@ -334,7 +334,7 @@ class Trainer:
         record_now = cfg.instability.enabled and ((epoch + 1) % cfg.instability.every == 0 or last)
         # When the probe images are the evaluation images, one eval-mode pass serves both.
         shared = (evaluate_now and record_now and self.probe_set is self.val_set
-                  and cfg.instability.max_images is None)
+                  and cfg.instability.max_images is None and not cfg.instability.groups)
         recorder = instability.MatchingRecorder(self.matcher, cfg.instability.all_layers, cfg.model.dec_layers)
         if evaluate_now:
             start = time.perf_counter()
@@ -363,7 +363,7 @@ class Trainer:
                                  cfg.max_images)
             with self.autocast():
                 record = instability.record_matchings(self.model, loader, self.matcher, self.device, cfg.all_layers,
-                                                      self.cfg.model.dec_layers)
+                                                      self.cfg.model.dec_layers, cfg.groups)
         instability.save_epoch(self.run_dir, epoch, *record)
         fault_point("record", epoch)  # recorded, not yet in metrics.jsonl: the resumed run redoes the evaluation
         return instability.epoch_metrics(self.run_dir, epoch)

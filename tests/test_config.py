@@ -23,9 +23,11 @@ def options(group: str) -> list:
 
 def test_every_group_has_the_documented_options():
     assert options("model") == ["conditional", "dab", "detr"]
-    assert options("matcher") == ["detr", "focal"]
-    assert options("loss") == ["conditional", "dab", "detr"]
-    assert options("dn") == ["default", "dn_detr"]
+    assert options("matcher") == ["detr", "focal", "stable_dino"]
+    assert options("loss") == ["conditional", "dab", "detr", "stable_dino"]
+    assert options("dn") == ["default", "dino", "dn_detr"]
+    assert options("group") == ["default", "group_detr"]
+    assert options("hybrid") == ["default", "h_detr"]
     assert options("data") == ["coco", "synthetic"]
     assert options("hydra/launcher") == ["local", "slurm", "slurm_local"]
     assert {"cpu", "paper_12ep", "paper_coco"} <= set(options("experiment"))
@@ -43,7 +45,7 @@ def test_every_model_composes_and_builds(model):
     assert sum(p.numel() for p in built.parameters()) > 0
 
 
-@pytest.mark.parametrize("matcher, cost_class", [("detr", 1.0), ("focal", 2.0)])
+@pytest.mark.parametrize("matcher, cost_class", [("detr", 1.0), ("focal", 2.0), ("stable_dino", 2.0)])
 def test_every_matcher_composes(matcher, cost_class):
     cfg = compose_config(["model=detr", f"matcher={matcher}"])
     assert cfg.matcher.cost_class == cost_class and cfg.matcher.cost_bbox == 5.0
@@ -74,6 +76,20 @@ def test_every_dn_option_composes(dn, groups):
     assert cfg.dn.groups == groups and cfg.dn.lambda1 == cfg.dn.lambda2 == 0.4 and cfg.dn.label_noise == 0.2
 
 
+def test_accelerator_options_compose():
+    """DINO's CDN, Group DETR, H-DETR and Stable-DINO at their published values (docs/accelerators.md)."""
+    cfg = compose_config(["model=dab", "dn=dino", "group=group_detr", "hybrid=h_detr", "loss=stable_dino",
+                          "matcher=stable_dino"])
+    assert (cfg.dn.contrastive, cfg.dn.num_queries, cfg.dn.groups, cfg.dn.label_noise, cfg.dn.box_noise) == (
+        True, 100, 0, 0.5, 0.4)
+    assert cfg.group.groups == 11 and (cfg.hybrid.queries, cfg.hybrid.k, cfg.hybrid.loss_weight) == (1500, 6, 1.0)
+    assert (cfg.loss.class_loss, cfg.loss.weight_class, cfg.loss.weight_class_dn) == ("stable", 6.0, 1.0)
+    assert cfg.matcher.position_beta == 0.5
+    off = compose_config([])
+    assert off.group.groups == 1 and off.hybrid.queries == 0 and off.dn.num_queries == 0
+    assert not build_model(compose_config(["model=dab", *TINY]), 4).plugins
+
+
 def test_data_options_compose(tmp_path):
     assert compose_config(["data=synthetic"]).data.name == "synthetic"
     cfg = compose_config(["data=coco", f"data.root={tmp_path}"])
@@ -100,6 +116,11 @@ EXPERIMENTS = {
     "study_dab": ("dab", 0, "synthetic", "resnet18", 16, 12),
     "study_dn_dab": ("dab", 5, "synthetic", "resnet18", 16, 12),
     "study_dn_dab_nomask": ("dab", 5, "synthetic", "resnet18", 16, 12),
+    "study_cdn_dab": ("dab", 0, "synthetic", "resnet18", 16, 12),
+    "study_group_dab": ("dab", 0, "synthetic", "resnet18", 16, 12),
+    "study_group_dn_dab": ("dab", 5, "synthetic", "resnet18", 16, 12),
+    "study_hybrid_dab": ("dab", 0, "synthetic", "resnet18", 16, 12),
+    "study_stable_dn_dab": ("dab", 5, "synthetic", "resnet18", 16, 12),
     "paper_coco": ("conditional", 0, "coco", "resnet50", 50, 40),
     "paper_detr": ("detr", 0, "coco", "resnet50", 50, 40),
     "paper_conditional": ("conditional", 0, "coco", "resnet50", 50, 40),
@@ -166,6 +187,11 @@ def test_launcher_through_the_command_line():
     (["optim.lr=0"], "optim.lr=0.0 is invalid: must be > 0"),
     (["instability.split=test"], "instability.split='test' is invalid: must be one of val, train"),
     (["+model.foo=1"], "model.foo=1 is invalid: no such key"),
+    (["group.groups=0"], "group.groups=0 is invalid: must be an integer >= 1 (1 = off)"),
+    (["hybrid.queries=-1"], "hybrid.queries=-1 is invalid: must be an integer >= 0"),
+    (["hybrid.k=0"], "hybrid.k=0 is invalid: must be an integer >= 1"),
+    (["dn.groups=5", "dn.num_queries=100"], "dn.num_queries=100 is invalid: must be 0 when dn.groups=5"),
+    (["matcher.position_beta=-1"], "matcher.position_beta=-1.0 is invalid: must be >= 0"),
 ])
 def test_bad_values_are_refused_in_process(overrides, expected):
     with pytest.raises(ConfigError) as err:

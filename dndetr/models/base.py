@@ -2,7 +2,9 @@
 
 Each model implements the query interface the forward pass (and the query plug-ins) rely on:
 
-- ``matching_queries(batch_size) -> (content [B,N,d], position)``: the learned matching queries.
+- ``matching_queries(batch_size, rows=None) -> (content [B,N,d], position)``: the learned matching queries; with
+  ``rows`` (a dict over ``query_modules``, from ``new_query_rows``) another set of queries made the same way
+  (the extra query groups of Group DETR and H-DETR's one-to-many queries).
 - ``box_query_position(boxes [B,P,4]) -> position``: how a (noised) box becomes this model's positional query
   (used by plug-ins that put boxes in as queries, such as denoising).
 - ``decode(content, position, memory, padding_mask, pos, self_attn_mask) -> (hs [L,B,N,d], references)``
@@ -36,6 +38,9 @@ class DetrBase(nn.Module, ABC):
     # the official model stores one of our tensors a second time (official prefix -> our prefix).
     official_mlps: Tuple[str, ...] = ("bbox_embed",)
     official_aliases: Dict[str, str] = {}
+    # The nn.Embedding modules whose rows are the matching queries (row n belongs to query n); a model that names
+    # none cannot host plug-ins that add matching queries (Group DETR, hybrid matching).
+    query_modules: Tuple[str, ...] = ()
 
     def __init__(self, cfg: ModelConfig, num_classes: int, no_object_class: bool = True, box_queries: bool = False,
                  train_backbone: bool = True):
@@ -80,9 +85,25 @@ class DetrBase(nn.Module, ABC):
         return groups
 
     # -- the query interface, implemented by each model ------------------------------------------------------
+    def query_rows(self, name: str, rows: Optional[Dict[str, torch.Tensor]]) -> torch.Tensor:
+        """The weight of query module ``name``, or its stand-in from ``rows``."""
+        return getattr(self, name).weight if rows is None else rows[name]
+
+    def new_query_rows(self, count: int) -> Dict[str, torch.Tensor]:
+        """Initial values for ``count`` more matching queries, drawn as the model draws its own."""
+        return {name: nn.Embedding(count, getattr(self, name).embedding_dim).weight.detach()
+                for name in self.query_modules}
+
+    def queries(self, batch_size: int, rows: Optional[Dict[str, torch.Tensor]] = None) -> Tuple[torch.Tensor, Position]:
+        """Matching queries as the decoder receives them: the model's own, changed by every plug-in."""
+        content, position = self.matching_queries(batch_size, rows)
+        for plugin in self.plugins.values():
+            content, position = plugin.adjust_matching(content, position)
+        return content, position
+
     @abstractmethod
-    def matching_queries(self, batch_size: int) -> Tuple[torch.Tensor, Position]:
-        """The learned matching queries: content [B,N,d] and position."""
+    def matching_queries(self, batch_size: int, rows: Optional[Dict[str, torch.Tensor]] = None):
+        """The learned matching queries (or those of ``rows``): content [B,N,d] and position."""
 
     @abstractmethod
     def box_query_position(self, boxes: torch.Tensor) -> Position:
@@ -104,15 +125,16 @@ class DetrBase(nn.Module, ABC):
         padding_mask = padding_mask.flatten(1)
         return self.encoder(src, padding_mask, pos), padding_mask, pos
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor, targets=None) -> dict:
+    def forward(self, images: torch.Tensor, masks: torch.Tensor, targets=None, probe: bool = False) -> dict:
+        """``probe`` (eval mode, matching record): also run the plug-ins' probe blocks (every Group DETR group)."""
         memory, padding_mask, pos = self.encode(images, masks)
-        content, position = self.matching_queries(images.shape[0])
-        for plugin in self.plugins.values():
-            content, position = plugin.adjust_matching(content, position)
+        content, position = self.queries(images.shape[0])
         blocks = []
         if self.training and targets is not None:
             blocks = [block for plugin in self.plugins.values()
                       if (block := plugin.build(targets, content, self)) is not None]
+        elif probe:
+            blocks = [block for plugin in self.plugins.values() if (block := plugin.probe(content, self)) is not None]
         self_attn_mask = None
         if blocks:
             content, position, self_attn_mask, matching = assemble(blocks, content, position)

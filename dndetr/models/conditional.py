@@ -33,6 +33,7 @@ def conditional_decoder(cfg) -> DecoderStack:
 
 @register_model("conditional", ConditionalConfig)
 class ConditionalDETR(DetrBase):
+    query_modules = ("query_embed",)
     official_mlps = DetrBase.official_mlps + ("query_scale", "ref_point_head")
 
     def __init__(self, cfg, num_classes, **options):
@@ -47,8 +48,8 @@ class ConditionalDETR(DetrBase):
         # of the box's sine embedding (so its width and height reach the decoder too).
         self.box_query_proj = self.box_query_head()
 
-    def matching_queries(self, batch_size):
-        query_pos = self.query_embed.weight[None].expand(batch_size, -1, -1)
+    def matching_queries(self, batch_size, rows=None):
+        query_pos = self.query_rows("query_embed", rows)[None].expand(batch_size, -1, -1)
         reference = self.decoder.ref_point_head(query_pos).sigmoid()
         return torch.zeros_like(query_pos), {"pos": query_pos, "ref": reference}
 

@@ -46,20 +46,31 @@ class DABDETR(DetrBase):
         self.decoder.ref_anchor_head = mlp(d, d, 2, 2)
         xavier_init(self.encoder, self.decoder)
         self.refpoint_embed = nn.Embedding(cfg.num_queries, 4)
-        if cfg.random_refpoints_xy:
-            # As in the official code, x,y start uniform in the image but remain trainable.
-            with torch.no_grad():
-                self.refpoint_embed.weight[:, :2].uniform_(0, 1)
-                self.refpoint_embed.weight[:, :2] = inverse_sigmoid(self.refpoint_embed.weight[:, :2])
+        self.init_anchors(self.refpoint_embed.weight)
         self.patterns = nn.Embedding(cfg.num_patterns, d) if cfg.num_patterns > 0 else None
+        self.query_modules = ("refpoint_embed",) + (("patterns",) if self.patterns is not None else ())
         self.zero_init_box_head()
 
-    def matching_queries(self, batch_size):
-        anchors = self.refpoint_embed.weight
+    def init_anchors(self, weight: torch.Tensor) -> None:
+        if self.cfg.random_refpoints_xy:
+            # As in the official code, x,y start uniform in the image but remain trainable.
+            with torch.no_grad():
+                weight[:, :2].uniform_(0, 1)
+                weight[:, :2] = inverse_sigmoid(weight[:, :2])
+
+    def new_query_rows(self, count):
+        rows = {"refpoint_embed": nn.Embedding(count, 4).weight.detach()}
+        self.init_anchors(rows["refpoint_embed"])
+        if self.patterns is not None:  # every set of queries gets its own patterns
+            rows["patterns"] = nn.Embedding(self.cfg.num_patterns, self.hidden_dim).weight.detach()
+        return rows
+
+    def matching_queries(self, batch_size, rows=None):
+        anchors = self.query_rows("refpoint_embed", rows)
         content = anchors.new_zeros(anchors.shape[0], self.hidden_dim)
         if self.patterns is not None:
             # Pattern-major: every pattern is paired with every anchor (num_patterns * num_queries queries).
-            content = self.patterns.weight.repeat_interleave(anchors.shape[0], dim=0)
+            content = self.query_rows("patterns", rows).repeat_interleave(anchors.shape[0], dim=0)
             anchors = anchors.repeat(self.cfg.num_patterns, 1)
         return content[None].expand(batch_size, -1, -1), {"anchor": anchors[None].expand(batch_size, -1, -1)}
 

@@ -21,6 +21,7 @@ class DETRConfig(ModelConfig):
 
 @register_model("detr", DETRConfig)
 class DETR(DetrBase):
+    query_modules = ("query_embed",)
     def __init__(self, cfg, num_classes, **options):
         super().__init__(cfg, num_classes, **options)
         d = cfg.hidden_dim
@@ -31,8 +32,8 @@ class DETR(DetrBase):
         # A box enters as a learned projection of its sine embedding (DN-DETR's vanilla-DETR variant).
         self.box_query_proj = self.box_query_head()
 
-    def matching_queries(self, batch_size):
-        query_pos = self.query_embed.weight[None].expand(batch_size, -1, -1)
+    def matching_queries(self, batch_size, rows=None):
+        query_pos = self.query_rows("query_embed", rows)[None].expand(batch_size, -1, -1)
         return torch.zeros_like(query_pos), {"pos": query_pos}
 
     def box_query_position(self, boxes):

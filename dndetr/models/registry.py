@@ -43,7 +43,7 @@ def model_entry(name: str) -> ModelEntry:
 
 def build_model(cfg, num_classes: int, train_backbone: bool = True):
     """The configured model with its query plug-ins. ``cfg`` is the composed :class:`dndetr.config.Config`."""
-    from ..plugins import build_plugins
+    from ..plugins.base import attach_plugins, build_plugins
 
     plugins = build_plugins(cfg, num_classes, cfg.model.hidden_dim)
     model = model_entry(cfg.model.name).cls(
@@ -51,4 +51,5 @@ def build_model(cfg, num_classes: int, train_backbone: bool = True):
         box_queries=any(p.needs_box_queries for p in plugins.values()),
         train_backbone=train_backbone and cfg.optim.lr_backbone > 0)
     model.plugins = plugins
+    attach_plugins(plugins, model)
     return model

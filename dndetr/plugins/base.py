@@ -11,7 +11,11 @@ The rule that keeps inference unchanged: the matching queries never see a block 
 queries compute exactly what they computed in training.
 
 A plug-in's parameters are created under their own random generator (:func:`isolated_init`), so two runs that
-differ only in a plug-in share the initial values of every parameter they have in common.
+differ only in a plug-in share the initial values of every parameter they have in common. A plug-in that needs more
+of the model's matching queries (Group DETR's extra groups, H-DETR's one-to-many branch) makes them in ``attach``
+once the model exists (``model.new_query_rows``) and turns them into queries with ``model.queries(B, rows)``;
+blocks of extra matching queries are scored with :func:`matching_block_losses`. Query-axis order:
+[DN | matching queries (group 0) | Group DETR groups 1..K-1 | one-to-many], the plug-ins' registration order.
 """
 from __future__ import annotations
 
@@ -72,9 +76,22 @@ class QueryPlugin(nn.Module, ABC):
     def enabled(cfg) -> bool:
         """Whether this configuration turns the plug-in on (off means: no module, no parameters, no RNG draws)."""
 
+    def attach(self, model) -> None:
+        """Called once the model exists (under this plug-in's own generator): a plug-in that needs more of the
+        model's matching queries makes their parameters here (``model.new_query_rows``)."""
+
+    @property
+    def matching_loss_scale(self) -> float:
+        """Factor on the criterion's own (matching-query) loss terms; Group DETR averages them over its groups."""
+        return 1.0
+
     def adjust_matching(self, content: torch.Tensor, position: Dict[str, torch.Tensor]):
         """Change the matching queries (training and inference alike); default: unchanged."""
         return content, position
+
+    def probe(self, content: torch.Tensor, model) -> Optional[QueryBlock]:
+        """A block to run in eval mode when the matching recorder asks for it (``instability.groups``); default none."""
+        return None
 
     @abstractmethod
     def build(self, targets: List[dict], content: torch.Tensor, model) -> Optional[QueryBlock]:
@@ -86,6 +103,12 @@ class QueryPlugin(nn.Module, ABC):
         the plug-in's prefix (``loss_ce``, ``loss_bbox_0``, ...)."""
 
 
+def attach_plugins(plugins: nn.ModuleDict, model) -> None:
+    for group, plugin in plugins.items():
+        with isolated_init(f"plugin:{group}:attach"):
+            plugin.attach(model)
+
+
 def build_plugins(cfg, num_classes: int, hidden_dim: int) -> nn.ModuleDict:
     plugins = nn.ModuleDict()
     for group, cls in PLUGINS.items():
@@ -94,6 +117,27 @@ def build_plugins(cfg, num_classes: int, hidden_dim: int) -> nn.ModuleDict:
             with isolated_init(f"plugin:{group}"):
                 plugins[group] = cls(plugin_cfg, num_classes, hidden_dim)
     return plugins
+
+
+def layer_suffixes(total_layers: int, num_layers: int) -> List[Tuple[int, str]]:
+    """(layer index, loss-term suffix) of the last ``num_layers`` decoder layers: ``_i`` for aux layers, none last."""
+    return [(layer, "" if layer == total_layers - 1 else f"_{layer}")
+            for layer in range(total_layers - num_layers, total_layers)]
+
+
+def matching_block_losses(block: QueryBlock, targets: List[dict], criterion, num_layers: int, num_boxes: float,
+                          scale: float, copies: int = 1) -> Dict[str, torch.Tensor]:
+    """Hungarian losses of a block of extra matching queries, layer by layer. With ``copies`` > 1 the block holds
+    that many equal-sized groups, each matched one-to-one to the image's targets on its own (Group DETR)."""
+    terms = {}
+    batch_size = block.logits.shape[1]
+    stacked = [t for t in targets for _ in range(copies)]  # image b, group g -> row b * copies + g
+    for layer, suffix in layer_suffixes(block.logits.shape[0], num_layers):
+        outputs = {"pred_logits": block.logits[layer].reshape(batch_size * copies, -1, block.logits.shape[-1]),
+                   "pred_boxes": block.boxes[layer].reshape(batch_size * copies, -1, 4)}
+        values = criterion.matching_losses(outputs, stacked, num_boxes)
+        terms.update({term + suffix: value * criterion.weights[term] * scale for term, value in values.items()})
+    return terms
 
 
 def assemble(blocks: List[QueryBlock], content: torch.Tensor, position: Dict[str, torch.Tensor]):
