@@ -98,13 +98,16 @@ class MatchingRecord:
     cost: Optional[np.ndarray]  # float32 [R, I, Q]; None when loaded with with_cost=False
     num_objects: np.ndarray  # int32 [I]
     layers: np.ndarray  # int64 [R]
+    # float32 [I, Q, 4]: the last layer's predicted box (cx, cy, w, h, normalised) of each matched query, NaN where
+    # unmatched (the matching pictures draw them); None in files recorded before it was added
+    boxes: Optional[np.ndarray] = None
 
 
 def epoch_path(run_dir, epoch: int) -> Path:
     return Path(run_dir) / MATCHINGS_DIR / f"epoch_{epoch:04d}.npz"
 
 
-def _check_shapes(where, image_ids, assign, cost, num_objects, layers) -> None:
+def _check_shapes(where, image_ids, assign, cost, num_objects, layers, boxes=None) -> None:
     if assign.ndim != 3:
         raise ValueError(f"{where}: assign must be [layers, images, queries], got shape {assign.shape}")
     num_layers, num_images, _ = assign.shape
@@ -112,23 +115,28 @@ def _check_shapes(where, image_ids, assign, cost, num_objects, layers) -> None:
                 "layers": (layers.shape, (num_layers,))}
     if cost is not None:
         expected["cost"] = (cost.shape, assign.shape)
+    if boxes is not None:
+        expected["boxes"] = (boxes.shape, assign.shape[1:] + (4,))
     for name, (got, want) in expected.items():
         if got != want:
             raise ValueError(f"{where}: {name} has shape {got}, expected {want} to match assign {assign.shape}")
 
 
-def save_epoch(run_dir, epoch: int, image_ids, assign, cost, num_objects, layers) -> Path:
+def save_epoch(run_dir, epoch: int, image_ids, assign, cost, num_objects, layers, boxes=None) -> Path:
     """Write matchings/epoch_<epoch>.npz atomically: a crash mid-write leaves every earlier file as it was."""
     arrays = {"image_ids": np.asarray(image_ids, dtype=np.int64), "assign": np.asarray(assign, dtype=np.int16),
               "cost": np.asarray(cost, dtype=np.float32), "num_objects": np.asarray(num_objects, dtype=np.int32),
               "layers": np.asarray(layers, dtype=np.int64)}
+    if boxes is not None:
+        arrays["boxes"] = np.asarray(boxes, dtype=np.float32)
     path = epoch_path(run_dir, epoch)
     _check_shapes(path, **arrays)
     return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
-def load_epoch(run_dir, epoch: int, with_cost: bool = True) -> MatchingRecord:
-    """Read one recorded epoch; with_cost=False skips the cost array (the largest) and leaves cost None."""
+def load_epoch(run_dir, epoch: int, with_cost: bool = True, with_boxes: bool = False) -> MatchingRecord:
+    """Read one recorded epoch; with_cost=False skips the cost array (the largest) and leaves cost None;
+    with_boxes=True also reads the matched boxes (None when the file predates them)."""
     path = epoch_path(run_dir, epoch)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no matchings recorded for epoch {epoch}")
@@ -136,6 +144,8 @@ def load_epoch(run_dir, epoch: int, with_cost: bool = True) -> MatchingRecord:
     try:
         with np.load(path) as data:
             arrays = {n: data[n] for n in names if n in data.files}
+            if with_boxes and "boxes" in data.files:
+                arrays["boxes"] = data["boxes"]
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: unreadable matchings file ({err})") from None
     missing = [n for n in names if n not in arrays]
@@ -212,6 +222,7 @@ class MatchingRecorder:
     def __init__(self, matcher, all_layers: bool = False, num_layers: Optional[int] = None):
         self.matcher, self.all_layers, self.num_layers = matcher, all_layers, num_layers
         self.image_ids, self.num_objects, self.assign, self.cost, self.layers = [], [], [], [], None
+        self.boxes = []
 
     @torch.no_grad()
     def add(self, outputs: dict, targets: List[dict]) -> None:
@@ -223,6 +234,7 @@ class MatchingRecorder:
             indices = self.matcher.assign(matrices)  # the training matcher's assignment, costs computed once
             batch_assign.append([assignment_vector(ix, num_queries) for ix in indices])
             batch_cost.append([matched_costs(ix, c) for ix, c in zip(indices, matrices)])
+        self.boxes.append(matched_boxes(indices, layer_dicts[-1]["pred_boxes"]))  # the last layer's indices
         self.assign.append(np.asarray(batch_assign, dtype=np.int16))  # [R, B, Q]
         self.cost.append(np.asarray(batch_cost, dtype=np.float32))
         self.image_ids += [int(t["image_id"]) for t in targets]
@@ -237,18 +249,32 @@ class MatchingRecorder:
                 np.concatenate(self.cost, axis=1), np.asarray(self.num_objects, dtype=np.int32),
                 np.asarray(self.layers, dtype=np.int64))
 
+    def matched_boxes(self) -> np.ndarray:
+        """float32 [I, Q, 4]: the last layer's boxes of the matched queries, NaN elsewhere (save_epoch's boxes)."""
+        return np.concatenate(self.boxes, axis=0)
+
+
+def matched_boxes(indices, pred_boxes: torch.Tensor) -> np.ndarray:
+    """float32 [B, Q, 4]: ``pred_boxes`` [B, Q, 4] where the query is matched (``indices`` per image), NaN elsewhere."""
+    boxes = np.full(tuple(pred_boxes.shape), np.nan, dtype=np.float32)
+    for b, (query_idx, _) in enumerate(indices):
+        query_idx = torch.as_tensor(query_idx).cpu()
+        boxes[b, query_idx.numpy()] = pred_boxes[b, query_idx.to(pred_boxes.device)].float().cpu().numpy()
+    return boxes
+
 
 @torch.no_grad()
-def record_matchings(model, loader, matcher, device, all_layers: bool = False, num_layers: Optional[int] = None):
+def record_matchings(model, loader, matcher, device, all_layers: bool = False, num_layers: Optional[int] = None,
+                     with_boxes: bool = False):
     """Match the model's eval-mode predictions on the probe loader to their targets (see MatchingRecorder.result).
 
     num_layers (the decoder depth) names the last layer when the model returns no aux outputs; by default it is
     inferred from them. The model's train/eval mode and all RNG states are restored, so recording does not change
-    training.
+    training. with_boxes=True appends the matched boxes (MatchingRecorder.matched_boxes) to the result.
     """
     device = torch.device(device)
     recorder = MatchingRecorder(matcher, all_layers, num_layers)
     with eval_mode(model), preserved_rng():
         for images, masks, targets in loader:
             recorder.add(model(images.to(device), masks.to(device)), targets_to(targets, device))
-    return recorder.result()
+    return recorder.result() + ((recorder.matched_boxes(),) if with_boxes else ())

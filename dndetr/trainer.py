@@ -371,13 +371,13 @@ class Trainer:
         """Save this epoch's matchings (from ``recorder`` when evaluation already filled it) and return IS."""
         cfg = self.cfg.instability
         if recorder is not None:
-            record = recorder.result()
+            record = recorder.result() + (recorder.matched_boxes(),)
         else:
             loader = eval_loader(self.probe_set, self.cfg.data.val_batch_size, self.cfg.data.num_workers,
                                  cfg.max_images)
             with self.autocast():
                 record = instability.record_matchings(self.model, loader, self.matcher, self.device, cfg.all_layers,
-                                                      self.cfg.model.dec_layers)
+                                                      self.cfg.model.dec_layers, with_boxes=True)
         instability.save_epoch(self.run_dir, epoch, *record)
         fault_point("record", epoch)  # recorded, not yet in metrics.jsonl: the resumed run redoes the evaluation
         return instability.epoch_metrics(self.run_dir, epoch)
