@@ -97,7 +97,8 @@ def per_class_ap(evaluator, names: Dict[int, str]) -> Dict[str, Optional[float]]
 
 def per_class_line(row: dict) -> str:
     """``name=AP, ...`` of a metrics row's AP_per_class ('' when it has none), for the run log."""
-    return ", ".join(f"{name}={'n/a' if ap is None else f'{ap:.4g}'}" for name, ap in (row.get(PER_CLASS) or {}).items())
+    per_class = row.get(PER_CLASS) or {}
+    return ", ".join(f"{name}={'n/a' if ap is None else f'{ap:.4g}'}" for name, ap in per_class.items())
 
 
 def improves(rows: List[dict], row: dict) -> bool:

@@ -21,7 +21,7 @@ from .data.coco import coco_target
 from .evaluation import class_names
 from .files import atomic_write
 from .models import build_model
-from .official import is_official, load_checkpoint_file, load_into, official_to_ours
+from .official import load_checkpoint_file, load_into
 
 log = logging.getLogger("dndetr")
 

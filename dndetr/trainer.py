@@ -337,8 +337,8 @@ class Trainer:
     def save_best(self, row: dict) -> None:
         """Write checkpoint_best.pt (the model, its epoch and AP) when ``row`` beats every earlier epoch's AP."""
         if improves(self.metrics.read(), row):
-            state = {"model": self.model.state_dict(), "epoch": row["epoch"], "AP": row["AP"], "config": asdict(self.cfg)}
-            atomic_torch_save(state, self.run_dir / BEST_CHECKPOINT)
+            atomic_torch_save({"model": self.model.state_dict(), "epoch": row["epoch"], "AP": row["AP"],
+                               "config": asdict(self.cfg)}, self.run_dir / BEST_CHECKPOINT)
             log.info("epoch %d has the best AP so far (%.4g): saved %s", row["epoch"], row["AP"], BEST_CHECKPOINT)
 
     def evaluate_and_record(self, epoch: int) -> dict:

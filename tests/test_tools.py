@@ -249,7 +249,8 @@ def test_matching_pictures_are_written_for_a_recorded_run(trained):
     spec.loader.exec_module(analysis)
     analyse = analysis.main
     out = root / "report"
-    assert analyse([str(run), "--out", str(out), "--pictures", "2", "--picture-epochs", f"0,{TINY_RUN_EPOCHS - 1}"]) == 0
+    last = TINY_RUN_EPOCHS - 1
+    assert analyse([str(run), "--out", str(out), "--pictures", "2", "--picture-epochs", f"0,{last}"]) == 0
     pictures = sorted((out / "matching_pictures" / "run").glob("matching_image*.png"))
     assert len(pictures) == 2 and all(Image.open(p).size[0] > 500 for p in pictures)
     assert analyse([str(run), "--out", str(out), "--pictures", "1", "--picture-epochs", "0"]) == 2
