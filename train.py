@@ -103,9 +103,11 @@ OmegaConf.register_new_resolver("dndetr_user_groups", user_groups, replace=True)
 
 def schema_override(args) -> str:
     """The first command-line override that picks an internal schema (``model=schema``, ``schema/model=detr``)."""
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
     for arg in args:
         name, _, value = arg.partition("=")
-        if name.lstrip("+~").startswith("schema") or value.startswith("schema") or "_schema" in value:
+        group = name.lstrip("+~")
+        if group.split("/")[0] == "schema" or (group in groups and value.startswith("schema")):
             return arg
     return ""
 

@@ -267,3 +267,11 @@ def test_help_lists_user_facing_groups_only():
     assert "model: conditional, dab, detr" in groups and "logger: none, tensorboard" in groups
     for misuse in ("model=schema", "schema/model=detr", "+schema/model=detr"):
         assert "internal schemas" in one_line_error(run_script(["train.py", misuse]))
+
+
+def test_only_schema_overrides_are_refused():
+    import train
+
+    assert train.schema_override(["data.root=schema_data", "+images=schema.png", "model=dab"]) == ""
+    assert train.schema_override(["model=dab", "model=schema/detr"]) == "model=schema/detr"
+    assert train.schema_override(["~schema/trainer"]) == "~schema/trainer"
