@@ -72,7 +72,7 @@ def draw_timeline(ax, queries: np.ndarray, epochs: List[int], labels: List[str])
     colours = np.ones(queries.shape + (3,))
     for (row, col), query in np.ndenumerate(queries):
         if query != UNMATCHED:
-            colours[row, col] = QUERY_COLOURS(query % QUERY_COLOURS.N)[:3]
+            colours[row, col] = query_colour(query)[:3]
             ax.text(col, row, str(query), ha="center", va="center", fontsize=7)
     ax.imshow(colours, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
@@ -82,19 +82,26 @@ def draw_timeline(ax, queries: np.ndarray, epochs: List[int], labels: List[str])
     ax.set_title("matched query per object", fontsize=9)
 
 
+def query_colour(query: int):
+    return "white" if query == UNMATCHED else QUERY_COLOURS(query % QUERY_COLOURS.N)
+
+
 def draw_matches(ax, image, objects: np.ndarray, record, index: int, epoch: int) -> None:
-    """The image, each object's ground-truth box (dashed) and its matched query's predicted box at ``epoch``."""
+    """The image, each object's ground-truth box (dashed, numbered by target index) and its matched query's
+    predicted box at ``epoch`` (solid), both in the query's colour."""
     width, height = image.size
     ax.imshow(image)
-    for box in objects:
-        x0, y0, x1, y1 = absolute_xyxy(box, width, height)
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white", linestyle="--", lw=1))
     queries = object_queries(record.assign[-1, index], len(objects))
+    for j, (box, query) in enumerate(zip(objects, queries)):
+        x0, y0, x1, y1 = absolute_xyxy(box, width, height)
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=query_colour(query),
+                               linestyle="--", lw=1.2))
+        ax.text(x1, y1, str(j), color="black", fontsize=7, backgroundcolor="white", ha="right", va="bottom")
     missing = record.boxes is None
     for query in queries[queries != UNMATCHED]:
         if missing:
             break
-        colour = QUERY_COLOURS(query % QUERY_COLOURS.N)
+        colour = query_colour(query)
         x0, y0, x1, y1 = absolute_xyxy(record.boxes[index, query], width, height)
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, lw=2))
         ax.text(x0, y0, f"q{query}", color="black", fontsize=7, backgroundcolor=colour, va="bottom")
@@ -132,7 +139,8 @@ def matching_pictures(run_dir: Path, out: Path, count: int, epochs: Optional[Tup
         draw_timeline(axes[0], timeline(records, index), recorded, labels)
         for ax, record, epoch in zip(axes[1:], chosen, epochs):
             draw_matches(ax, image, target["boxes"].numpy(), record, index, epoch)
-        fig.suptitle(f"{Path(run_dir).name}: probe image {image_id} (last decoder layer; dashed: ground truth)",
+        fig.suptitle(f"{Path(run_dir).name}: probe image {image_id} (last decoder layer; dashed: ground truth "
+                     "with its target index, solid: its matched query's box)",
                      fontsize=10)
         fig.tight_layout()
         written.append(out / f"matching_image{image_id}.png")

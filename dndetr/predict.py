@@ -115,8 +115,8 @@ def draw_detections(image: Image.Image, detections: List[dict], names: Dict[int,
     draw = ImageDraw.Draw(drawn)
     inside = Image.new("L", image.size, 0)
     inside_draw = ImageDraw.Draw(inside)
-    line = max(1, round(min(image.size) / 250))
-    font = ImageFont.load_default(max(10, round(min(image.size) / 40)))
+    line = max(1, round(min(image.size) / 150))
+    font = ImageFont.load_default(max(11, round(min(image.size) / 26)))
     for det in sorted(detections, key=lambda d: d["score"]):  # the most confident box on top
         x0, y0, x1, y1 = pixel_box(det["box"], *image.size)
         if x1 < x0 or y1 < y0:
