@@ -12,7 +12,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from dndetr import instability as inst
+from dndetr.config import ConfigError, LoggerConfig
 from dndetr.evaluation import coco_ap, improves
+from dndetr.loggers import NoLogger, build_logger, flat_numbers
 from dndetr.matching_pictures import object_queries, parse_epochs
 from dndetr.official import is_official, load_checkpoint_file, official_to_ours
 from dndetr.predict import pixel_box
@@ -119,6 +121,16 @@ def test_run_logs_per_class_ap_and_keeps_the_best_checkpoint(trained):
 
 # ----------------------------------------------------------------------------------------------------------------
 # TensorBoard
+
+
+def test_tensorboard_is_needed_only_when_chosen(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    assert isinstance(build_logger(LoggerConfig(), tmp_path), NoLogger)
+    with pytest.raises(ConfigError, match="logger=tensorboard is invalid: the tensorboard package"):
+        build_logger(LoggerConfig(name="tensorboard"), tmp_path)
+    assert flat_numbers("epoch", {"AP": 0.5, "precision": "fp32", "AP75": None, "ok": True,
+                                  "AP_per_class": {"cat": 0.25, "dog": None}}) == {"epoch/AP": 0.5,
+                                                                                   "epoch/AP_per_class/cat": 0.25}
 
 
 @pytest.mark.slow
