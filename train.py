@@ -18,7 +18,8 @@ from dndetr.config import ConfigError, register_configs, validate
 from dndetr.data import DataError
 from dndetr.evaluation import PER_CLASS, per_class_line
 from dndetr.files import RunFileError, describe_os_error
-from dndetr.trainer import CheckpointError, EvaluationError, NonFiniteLossError, evaluate_only, train
+from dndetr.trainer import (BEST_CHECKPOINT, CheckpointError, EvaluationError, NonFiniteLossError, evaluate_only,
+                            train)
 
 log = logging.getLogger("dndetr")
 register_configs()
@@ -54,8 +55,10 @@ def main(cfg: DictConfig):
         print(message, file=sys.stderr)  # the one line on the terminal; error.txt keeps it with the run
         sys.exit(2)
     final = rows[-1] if rows else {}
+    best = run_dir / BEST_CHECKPOINT
     print(f"done: {run_dir}\n  metrics:    {run_dir / 'metrics.jsonl'}\n  checkpoint: {run_dir / 'checkpoint_last.pt'}"
-          f"\n  config:     {run_dir / '.hydra' / 'config.yaml'}\n  final AP={final.get('AP')} AP50={final.get('AP50')}")
+          + (f"\n  best:       {best} (the epoch with the highest AP)" if best.exists() else "")
+          + f"\n  config:     {run_dir / '.hydra' / 'config.yaml'}\n  final AP={final.get('AP')} AP50={final.get('AP50')}")
     return final.get("AP")
 
 

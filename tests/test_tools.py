@@ -16,6 +16,7 @@ from dndetr.config import ConfigError, LoggerConfig
 from dndetr.evaluation import coco_ap, improves
 from dndetr.loggers import NoLogger, build_logger, flat_numbers
 from dndetr.matching_pictures import object_queries, parse_epochs
+from dndetr.models import build_model
 from dndetr.official import is_official, load_checkpoint_file, official_to_ours
 from dndetr.predict import pixel_box
 from dndetr.trainer import BEST_CHECKPOINT, Trainer
@@ -212,6 +213,24 @@ def test_export_gives_an_official_checkpoint_that_predicts_the_same(trained):
     bare = root / "bare.pt"
     torch.save(ours, bare)
     assert "--model" in one_line_error(run_script(["-m", "dndetr.export", bare, root / "bare_official.pth"]))
+
+
+@pytest.mark.slow
+def test_predict_on_coco_images_uses_coco_class_names(tmp_path, coco_mini):
+    """A 91-class model on real COCO photos (their own sizes, JPEG input): names from the COCO categories."""
+    overrides = [*tiny(tmp_path)[:-1], "data=coco", f"data.root={coco_mini}", "data.val_size=96", "data.max_size=128"]
+    model = build_model(compose_config(overrides), 91)
+    torch.save({"model": model.state_dict()}, tmp_path / "coco_model.pt")
+    photo = sorted((coco_mini / "val2017").glob("*.jpg"))[0]
+    result = run_script(["predict.py", *overrides, f"hydra.run.dir={tmp_path / 'pred'}", "+score_threshold=0",
+                         f"model.init_from={tmp_path / 'coco_model.pt'}", f"+images={photo}"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    categories = json.loads((tmp_path / "pred" / "images.json").read_text())["categories"]
+    assert {"id": 1, "name": "person"} in categories and len(categories) == 91
+    drawn = Image.open(tmp_path / "pred" / f"{photo.stem}.png")
+    assert drawn.size == Image.open(photo).size
+    boxes = np.array([d["bbox"] for d in json.loads((tmp_path / "pred" / "detections.json").read_text())])
+    assert len(boxes) == 10 and (boxes[:, 2:] > 0).all()
 
 
 @pytest.mark.slow  # two processes that import torch: ~30 s on a loaded machine
