@@ -56,9 +56,12 @@ def main(cfg: DictConfig):
         sys.exit(2)
     final = rows[-1] if rows else {}
     best = run_dir / BEST_CHECKPOINT
-    print(f"done: {run_dir}\n  metrics:    {run_dir / 'metrics.jsonl'}\n  checkpoint: {run_dir / 'checkpoint_last.pt'}"
-          + (f"\n  best:       {best} (the epoch with the highest AP)" if best.exists() else "")
-          + f"\n  config:     {run_dir / '.hydra' / 'config.yaml'}\n  final AP={final.get('AP')} AP50={final.get('AP50')}")
+    lines = [f"done: {run_dir}", f"  metrics:    {run_dir / 'metrics.jsonl'}",
+             f"  checkpoint: {run_dir / 'checkpoint_last.pt'}"]
+    lines += [f"  best:       {best} (the epoch with the highest AP)"] if best.exists() else []
+    lines += [f"  config:     {run_dir / '.hydra' / 'config.yaml'}",
+              f"  final AP={final.get('AP')} AP50={final.get('AP50')}"]
+    print("\n".join(lines))
     return final.get("AP")
 
 
