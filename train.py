@@ -1,4 +1,4 @@
-"""Train (or evaluate) a DETR-family detector: ``python train.py [overrides]``; ``-m`` for sweeps."""
+"""Train (or evaluate) a DETR-family detector: ``python train.py [overrides]``; ``-m`` for sweeps; ``--help``."""
 from __future__ import annotations
 
 import contextlib
@@ -11,16 +11,20 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dndetr.config import ConfigError, register_configs, validate
 from dndetr.data import DataError
+from dndetr.evaluation import PER_CLASS, per_class_line
 from dndetr.files import RunFileError, describe_os_error
-from dndetr.trainer import CheckpointError, EvaluationError, NonFiniteLossError, evaluate_only, train
+from dndetr.trainer import (BEST_CHECKPOINT, CheckpointError, EvaluationError, NonFiniteLossError, evaluate_only,
+                            train)
 
 log = logging.getLogger("dndetr")
 register_configs()
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+HIDDEN_GROUPS = ("hydra", "schema", "study")  # Hydra's own, the internal schemas, analysis claims files
 
 # A user's mistake or a numerical blow-up gets one line, not a traceback.
 EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, EvaluationError, RunFileError)
@@ -36,7 +40,9 @@ def main(cfg: DictConfig):
         config = validate(cfg)
         if config.trainer.eval_only:
             result = evaluate_only(config, run_dir)
-            print(" ".join(f"{k}={v:.4f}" if v is not None else f"{k}=n/a" for k, v in result.items()))
+            print(" ".join(f"{k}={v:.4f}" if v is not None else f"{k}=n/a" for k, v in result.items()
+                           if k != PER_CLASS))
+            print(f"per class: {per_class_line(result)}")
             return result.get("AP")
         rows = train(config, run_dir)
     except EXPECTED_ERRORS as err:
@@ -49,8 +55,13 @@ def main(cfg: DictConfig):
         print(message, file=sys.stderr)  # the one line on the terminal; error.txt keeps it with the run
         sys.exit(2)
     final = rows[-1] if rows else {}
-    print(f"done: {run_dir}\n  metrics:    {run_dir / 'metrics.jsonl'}\n  checkpoint: {run_dir / 'checkpoint_last.pt'}"
-          f"\n  config:     {run_dir / '.hydra' / 'config.yaml'}\n  final AP={final.get('AP')} AP50={final.get('AP50')}")
+    best = run_dir / BEST_CHECKPOINT
+    lines = [f"done: {run_dir}", f"  metrics:    {run_dir / 'metrics.jsonl'}",
+             f"  checkpoint: {run_dir / 'checkpoint_last.pt'}"]
+    lines += [f"  best:       {best} (the epoch with the highest AP)"] if best.exists() else []
+    lines += [f"  config:     {run_dir / '.hydra' / 'config.yaml'}",
+              f"  final AP={final.get('AP')} AP50={final.get('AP50')}"]
+    print("\n".join(lines))
     return final.get("AP")
 
 
@@ -84,20 +95,55 @@ def composition_error_line(err: CompactHydraException) -> str:
     return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
-if __name__ == "__main__":
-    # Hydra reports its own composition errors (unknown group option or key, a value of the wrong type) over
-    # several lines and exits 1. Its documented switch HYDRA_FULL_ERROR=1 makes it raise them instead, so they get
-    # one line and exit 2 like every other configuration mistake. Whoever sets HYDRA_FULL_ERROR=1 gets the full trace.
+def user_groups() -> str:
+    """The config groups a user chooses from and their options, read from conf/ (``--help`` shows this list)."""
+    lines = []
+    for folder in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in HIDDEN_GROUPS):
+        lines.append(f"{folder.name}: {', '.join(sorted(f.stem for f in folder.glob('*.yaml')))}")
+    launchers = sorted(f.stem for f in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))
+    return "\n".join(lines + [f"hydra/launcher: {', '.join(launchers)}"])
+
+
+OmegaConf.register_new_resolver("dndetr_user_groups", user_groups, replace=True)  # used by conf/hydra/help
+
+
+def schema_override(args) -> str:
+    """The first command-line override that picks an internal schema (``model=schema``, ``schema/model=detr``)."""
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    for arg in args:
+        name, _, value = arg.partition("=")
+        group = name.lstrip("+~")
+        if group.split("/")[0] == "schema" or (group in groups and value.startswith("schema")):
+            return arg
+    return ""
+
+
+def run_hydra_app(app) -> None:
+    """Run a @hydra.main function with one-line errors (exit 2) for composition mistakes and an unwritable folder.
+
+    Hydra reports its own composition errors (unknown group option or key, a value of the wrong type) over several
+    lines and exits 1. Its documented switch HYDRA_FULL_ERROR=1 makes it raise them instead, so they get one line
+    and exit 2 like every other configuration mistake. Whoever sets HYDRA_FULL_ERROR=1 gets the full trace.
+    """
+    bad = schema_override(sys.argv[1:])
+    if bad:
+        print(f"error: {bad} is invalid: schema/* holds the internal schemas; choose one of the options that "
+              "--help lists", file=sys.stderr)
+        sys.exit(2)
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        main()
-    else:
-        os.environ["HYDRA_FULL_ERROR"] = "1"
-        try:
-            main()
-        except CompactHydraException as err:
-            print(f"error: {composition_error_line(err)}", file=sys.stderr)
-            sys.exit(2)
-        except OSError as err:  # Hydra could not create or write the run folder
-            where = f" {err.filename}" if err.filename else ""
-            print(f"error: cannot write the run folder{where}: {describe_os_error(err)}", file=sys.stderr)
-            sys.exit(2)
+        app()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        app()
+    except CompactHydraException as err:
+        print(f"error: {composition_error_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # Hydra could not create or write the run folder
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot write the run folder{where}: {describe_os_error(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_hydra_app(main)

@@ -3,7 +3,7 @@ a summary table with paired differences and convergence speed, the runs that fai
 on a study's claims.
 
     python analysis/instability.py <run or multirun dirs...> [--out DIR] [--from-epoch N] [--epochs N]
-        [--reference SETTING] [--reach FRACTION] [--claims FILE]
+        [--reference SETTING] [--reach FRACTION] [--claims FILE] [--pictures N [--picture-epochs A,B]]
 
 A run dir holds metrics.jsonl and/or .hydra/; a Hydra multirun dir holds numbered job folders (and multirun.yaml,
 .submitit/). Runs are grouped by the overrides that vary across runs (seed keys excluded, `model` always kept).
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dndetr import claims as study_claims  # noqa: E402
 from dndetr import report  # noqa: E402
+from dndetr.matching_pictures import matching_pictures, parse_epochs  # noqa: E402
 from dndetr.plots import make_plots  # noqa: E402
 from dndetr.runs import group_runs, read_runs, setting_keys  # noqa: E402
 
@@ -41,6 +42,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--reach", type=float, default=1.0,
                         help="convergence target as a fraction of the reference's final AP (default 1.0)")
     parser.add_argument("--claims", type=Path, default=None, help="a study's claims file: writes claims.md")
+    parser.add_argument("--pictures", type=int, default=0, metavar="N",
+                        help="pictures of the matching of N probe images per run (matching_pictures/<run>/)")
+    parser.add_argument("--picture-epochs", default=None, metavar="A,B",
+                        help="the two epochs whose matched boxes the pictures show (default: first and last recorded)")
     return parser.parse_args(argv)
 
 
@@ -57,6 +62,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if not args.reach > 0:
         print(f"error: --reach={args.reach} must be > 0", file=sys.stderr)
+        return 2
+    try:
+        picture_epochs = parse_epochs(args.picture_epochs)
+        if args.pictures < 0:
+            raise ValueError(f"--pictures={args.pictures} must be >= 0")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     runs, problems = read_runs(args.paths, args.epochs)
     failures = [f"- {p}" for p in problems] + [f"- `{run.path}`: {p}" for run in runs for p in run.problems]
@@ -98,10 +110,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     plots, skipped = make_plots(groups, out, figures)
     for note in skipped:
         print(f"skipped plot {note}")
+    if args.pictures:
+        plots += run_pictures(runs, out / "matching_pictures", args.pictures, picture_epochs)
     print(f"{len(runs)} run(s) in {len(groups)} setting(s); report in {out}:")
     for path in written + plots:
         print(f"  {path}")
     return 0
+
+
+def run_pictures(runs, out: Path, count: int, epochs) -> List[Path]:
+    """matching_pictures for every run that finished, one folder per run; a run that cannot be drawn is named."""
+    written, used = [], set()
+    for run in (r for r in runs if not r.failed):
+        name = run.path.name if run.path.name not in used else f"{run.path.parent.name}_{run.path.name}"
+        used.add(name)
+        try:
+            written += matching_pictures(run.path, out / name, count, epochs)
+        except (ValueError, OSError) as err:  # a missing dataset or an old run: the report stands without them
+            print(f"skipped matching pictures of {run.path}: {err}")
+    return written
 
 
 if __name__ == "__main__":

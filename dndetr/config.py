@@ -238,6 +238,18 @@ class InstabilityConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """An optional experiment logger next to metrics.jsonl (which stays the source of truth): dndetr/loggers.py."""
+    name: str = "none"  # none | tensorboard
+    every_iters: int = 50  # training loss every N iterations; epoch metrics are logged every epoch
+    dir: Optional[str] = None  # event files; null = <run dir>/tensorboard
+
+    def __post_init__(self) -> None:
+        check_choice("logger.name", self.name, ("none", "tensorboard"))
+        check(self.every_iters >= 1, "logger.every_iters", self.every_iters, "must be >= 1")
+
+
+@dataclass
 class Config:
     """The composed configuration. Query plug-ins (dn, ...) add their own groups: see :func:`config_class`."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -247,10 +259,12 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     instability: InstabilityConfig = field(default_factory=InstabilityConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 CORE_GROUPS = {"model": ModelConfig, "loss": LossConfig, "matcher": MatcherConfig, "data": DataConfig,
-               "optim": OptimConfig, "trainer": TrainerConfig, "instability": InstabilityConfig}
+               "optim": OptimConfig, "trainer": TrainerConfig, "instability": InstabilityConfig,
+               "logger": LoggerConfig}
 _CONFIG_CLASS = None
 
 

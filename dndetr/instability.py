@@ -103,13 +103,16 @@ class MatchingRecord:
     num_objects: np.ndarray  # int32 [I]
     layers: np.ndarray  # int64 [R]
     extras: Dict[str, np.ndarray] = field(default_factory=dict)  # EXTRA_ASSIGNMENTS present in the file
+    # float32 [I, Q, 4]: the last layer's predicted box (cx, cy, w, h, normalised) of each matched query, NaN where
+    # unmatched (the matching pictures draw them); None in files recorded before it was added or not asked for
+    boxes: Optional[np.ndarray] = None
 
 
 def epoch_path(run_dir, epoch: int) -> Path:
     return Path(run_dir) / MATCHINGS_DIR / f"epoch_{epoch:04d}.npz"
 
 
-def _check_shapes(where, image_ids, assign, cost, num_objects, layers, extras=None) -> None:
+def _check_shapes(where, image_ids, assign, cost, num_objects, layers, extras=None, boxes=None) -> None:
     for name, extra in (extras or {}).items():
         if name not in EXTRA_ASSIGNMENTS or extra.ndim != 3 or extra.shape[1:] != assign.shape[1:]:
             raise ValueError(f"{where}: extra assignment {name} {extra.shape} is not one of {EXTRA_ASSIGNMENTS} "
@@ -121,26 +124,32 @@ def _check_shapes(where, image_ids, assign, cost, num_objects, layers, extras=No
                 "layers": (layers.shape, (num_layers,))}
     if cost is not None:
         expected["cost"] = (cost.shape, assign.shape)
+    if boxes is not None:
+        expected["boxes"] = (boxes.shape, assign.shape[1:] + (4,))
     for name, (got, want) in expected.items():
         if got != want:
             raise ValueError(f"{where}: {name} has shape {got}, expected {want} to match assign {assign.shape}")
 
 
-def save_epoch(run_dir, epoch: int, image_ids, assign, cost, num_objects, layers, extras=None) -> Path:
+def save_epoch(run_dir, epoch: int, image_ids, assign, cost, num_objects, layers, extras=None, boxes=None) -> Path:
     """Write matchings/epoch_<epoch>.npz atomically: a crash mid-write leaves every earlier file as it was.
-    ``extras``: optional {name in EXTRA_ASSIGNMENTS: int16 [k, I, Q]} of the last layer."""
+    ``extras``: optional {name in EXTRA_ASSIGNMENTS: int16 [k, I, Q]} of the last layer; ``boxes``: optional float32
+    [I, Q, 4], the matched queries' boxes (MatchingRecorder.matched_boxes)."""
     arrays = {"image_ids": np.asarray(image_ids, dtype=np.int64), "assign": np.asarray(assign, dtype=np.int16),
               "cost": np.asarray(cost, dtype=np.float32), "num_objects": np.asarray(num_objects, dtype=np.int32),
               "layers": np.asarray(layers, dtype=np.int64)}
     extras = {name: np.asarray(value, dtype=np.int16) for name, value in (extras or {}).items()}
     path = epoch_path(run_dir, epoch)
+    if boxes is not None:
+        arrays["boxes"] = np.asarray(boxes, dtype=np.float32)
     _check_shapes(path, **arrays, extras=extras)
     arrays.update(extras)
     return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
-def load_epoch(run_dir, epoch: int, with_cost: bool = True) -> MatchingRecord:
-    """Read one recorded epoch; with_cost=False skips the cost array (the largest) and leaves cost None."""
+def load_epoch(run_dir, epoch: int, with_cost: bool = True, with_boxes: bool = False) -> MatchingRecord:
+    """Read one recorded epoch; with_cost=False skips the cost array (the largest) and leaves cost None;
+    with_boxes=True also reads the matched boxes (None when the file predates them)."""
     path = epoch_path(run_dir, epoch)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no matchings recorded for epoch {epoch}")
@@ -149,6 +158,8 @@ def load_epoch(run_dir, epoch: int, with_cost: bool = True) -> MatchingRecord:
         with np.load(path) as data:
             arrays = {n: data[n] for n in names if n in data.files}
             extras = {n: data[n] for n in EXTRA_ASSIGNMENTS if n in data.files}
+            if with_boxes and "boxes" in data.files:
+                arrays["boxes"] = data["boxes"]
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: unreadable matchings file ({err})") from None
     missing = [n for n in names if n not in arrays]
@@ -243,6 +254,7 @@ class MatchingRecorder:
         self.matcher, self.all_layers, self.num_layers = matcher, all_layers, num_layers
         self.image_ids, self.num_objects, self.assign, self.cost, self.layers = [], [], [], [], None
         self.extras = {name: [] for name in EXTRA_ASSIGNMENTS}  # per batch [k, B, Q]
+        self.boxes = []  # per batch [B, Q, 4]: the last layer's matched boxes
 
     def add_groups(self, outputs: dict, targets: List[dict]) -> None:
         """Match each extra Group DETR group (last layer) on its own, with the same matcher as group 0."""
@@ -267,6 +279,7 @@ class MatchingRecorder:
             indices = self.matcher.assign(matrices)  # the training matcher's assignment, costs computed once
             batch_assign.append([assignment_vector(ix, num_queries) for ix in indices])
             batch_cost.append([matched_costs(ix, c) for ix, c in zip(indices, matrices)])
+        self.boxes.append(matched_boxes(indices, layer_dicts[-1]["pred_boxes"]))  # the last layer's indices
         self.assign.append(np.asarray(batch_assign, dtype=np.int16))  # [R, B, Q]
         self.cost.append(np.asarray(batch_cost, dtype=np.float32))
         self.image_ids += [int(t["image_id"]) for t in targets]
@@ -287,11 +300,36 @@ class MatchingRecorder:
                 np.concatenate(self.cost, axis=1), np.asarray(self.num_objects, dtype=np.int32),
                 np.asarray(self.layers, dtype=np.int64)) + ((extras,) if extras else ())
 
+    def matched_boxes(self) -> np.ndarray:
+        """float32 [I, Q, 4]: the last layer's boxes of the matched queries, NaN elsewhere (save_epoch's boxes)."""
+        return np.concatenate(self.boxes, axis=0)
 
-@torch.no_grad()
+    def save(self, run_dir, epoch: int) -> Path:
+        """save_epoch with everything recorded: assignments, costs, extra assignments and matched boxes."""
+        record = self.result()
+        return save_epoch(run_dir, epoch, *record[:5], extras=record[5] if len(record) > 5 else None,
+                          boxes=self.matched_boxes())
+
+
+def matched_boxes(indices, pred_boxes: torch.Tensor) -> np.ndarray:
+    """float32 [B, Q, 4]: ``pred_boxes`` [B, Q, 4] where the query is matched (``indices`` per image), NaN elsewhere."""
+    boxes = np.full(tuple(pred_boxes.shape), np.nan, dtype=np.float32)
+    for b, (query_idx, _) in enumerate(indices):
+        query_idx = torch.as_tensor(query_idx).cpu()
+        boxes[b, query_idx.numpy()] = pred_boxes[b, query_idx.to(pred_boxes.device)].float().cpu().numpy()
+    return boxes
+
+
 def record_matchings(model, loader, matcher, device, all_layers: bool = False, num_layers: Optional[int] = None,
                      groups: bool = False):
-    """Match the model's eval-mode predictions on the probe loader to their targets (see MatchingRecorder.result).
+    """MatchingRecorder.result() of :func:`probe_matchings`."""
+    return probe_matchings(model, loader, matcher, device, all_layers, num_layers, groups).result()
+
+
+@torch.no_grad()
+def probe_matchings(model, loader, matcher, device, all_layers: bool = False, num_layers: Optional[int] = None,
+                    groups: bool = False) -> MatchingRecorder:
+    """Match the model's eval-mode predictions on the probe loader to their targets; returns the filled recorder.
 
     num_layers (the decoder depth) names the last layer when the model returns no aux outputs; by default it is
     inferred from them. ``groups``: run the model with its probe blocks and record every Group DETR group too.
@@ -303,4 +341,4 @@ def record_matchings(model, loader, matcher, device, all_layers: bool = False, n
     with eval_mode(model), preserved_rng():
         for images, masks, targets in loader:
             recorder.add(model(images.to(device), masks.to(device), **probe), targets_to(targets, device))
-    return recorder.result()
+    return recorder

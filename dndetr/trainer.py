@@ -24,8 +24,9 @@ from . import distributed, instability
 from .config import Config, ConfigError
 from .criterion import build_criterion
 from .data import build_dataset, num_classes as dataset_num_classes, queries_warning
-from .evaluation import evaluate
+from .evaluation import evaluate, improves, per_class_line
 from .files import MetricsLog, atomic_torch_save, first_line
+from .loggers import build_logger
 from .models import build_model
 from .rng import rng_state, seed_everything, set_rng_state
 from .sampling import SeededSamples, epoch_batches, eval_loader, make_loader, targets_to
@@ -33,6 +34,7 @@ from .sampling import SeededSamples, epoch_batches, eval_loader, make_loader, ta
 log = logging.getLogger("dndetr")
 
 CHECKPOINT = "checkpoint_last.pt"
+BEST_CHECKPOINT = "checkpoint_best.pt"  # the model of the epoch with the highest AP so far
 METRICS = "metrics.jsonl"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -128,6 +130,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / METRICS)
         self.checkpoint_path = self.run_dir / CHECKPOINT
         self.preemption = None
+        self.logger = build_logger(cfg.logger, self.run_dir, enabled=self.main)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
@@ -193,6 +196,7 @@ class Trainer:
         finally:
             if self.preemption is not None:
                 self.preemption.remove()
+            self.logger.close()
         return self.metrics.read()
 
     def log_start(self, resumed: bool) -> None:
@@ -241,6 +245,8 @@ class Trainer:
             if progress is not None:
                 progress.set_postfix(loss=f"{loss_values['loss']:.3f}")
                 progress.update()
+            if self.iteration % cfg.logger.every_iters == 0:
+                self.logger.scalars("train", loss_values, epoch * len(batches) + self.iteration)
             every = cfg.trainer.checkpoint_every_iters
             if every and self.iteration % every == 0 and self.iteration < len(batches):
                 with self.deferred():
@@ -319,13 +325,24 @@ class Trainer:
         if self.main:
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                      if k in ("train_loss", "AP", "AP50", "IS") and v is not None))
+            if per_class_line(row):
+                log.info("epoch %d AP per class: %s", epoch, per_class_line(row))
         with self.deferred():
             if self.main:
+                self.save_best(row)  # before the row: a resumed run redoes an epoch that is not in metrics.jsonl
                 self.metrics.append(row)
+                self.logger.scalars("epoch", row, epoch)
             self.scheduler.step()
             self.epoch, self.iteration, self.loss_sums, self.pending = epoch + 1, 0, {}, None
             self.save()
         return row
+
+    def save_best(self, row: dict) -> None:
+        """Write checkpoint_best.pt (the model, its epoch and AP) when ``row`` beats every earlier epoch's AP."""
+        if improves(self.metrics.read(), row):
+            atomic_torch_save({"model": self.model.state_dict(), "epoch": row["epoch"], "AP": row["AP"],
+                               "config": asdict(self.cfg)}, self.run_dir / BEST_CHECKPOINT)
+            log.info("epoch %d has the best AP so far (%.4g): saved %s", row["epoch"], row["AP"], BEST_CHECKPOINT)
 
     def evaluate_and_record(self, epoch: int) -> dict:
         cfg, row = self.cfg, {}
@@ -351,20 +368,18 @@ class Trainer:
         loader = eval_loader(self.val_set, self.cfg.data.val_batch_size, self.cfg.data.num_workers)
         with self.autocast():
             return evaluate(self.model, loader, self.device, self.cfg.loss.class_loss, self.cfg.model.num_select,
-                            self.val_set.coco, on_outputs)
+                            self.val_set.coco, on_outputs, progress=self.cfg.trainer.progress and self.main)
 
     def record_instability(self, epoch: int, recorder=None) -> Dict[str, float]:
         """Save this epoch's matchings (from ``recorder`` when evaluation already filled it) and return IS."""
         cfg = self.cfg.instability
-        if recorder is not None:
-            record = recorder.result()
-        else:
+        if recorder is None:
             loader = eval_loader(self.probe_set, self.cfg.data.val_batch_size, self.cfg.data.num_workers,
                                  cfg.max_images)
             with self.autocast():
-                record = instability.record_matchings(self.model, loader, self.matcher, self.device, cfg.all_layers,
-                                                      self.cfg.model.dec_layers, cfg.groups)
-        instability.save_epoch(self.run_dir, epoch, *record)
+                recorder = instability.probe_matchings(self.model, loader, self.matcher, self.device, cfg.all_layers,
+                                                       self.cfg.model.dec_layers, cfg.groups)
+        recorder.save(self.run_dir, epoch)
         fault_point("record", epoch)  # recorded, not yet in metrics.jsonl: the resumed run redoes the evaluation
         return instability.epoch_metrics(self.run_dir, epoch)
 
