@@ -30,8 +30,8 @@ class ScaledQueriesConfig(ModelConfig):
 class ScaledQueries(DETR):
     """DETR whose learned positional queries are scaled by a setting of its own schema."""
 
-    def matching_queries(self, batch_size):
-        content, position = super().matching_queries(batch_size)
+    def matching_queries(self, batch_size, rows=None):
+        content, position = super().matching_queries(batch_size, rows)
         return content, {"pos": position["pos"] * self.cfg.query_scale}
 
 
