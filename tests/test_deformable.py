@@ -1,0 +1,175 @@
+"""Deformable attention against a written-out reference, its gradients, chunking and the published init."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dndetr.models.deformable_attention import MSDeformAttn, deformable_attention_core, radial_offset_bias
+
+SHAPES = [(5, 7), (3, 4), (2, 2)]
+
+
+def bilinear_like_kernel(image, x, y):
+    """image [D,H,W] (a list of lists of lists); (x, y) in pixels of the CUDA kernel (loc * size - 0.5).
+    A point at or beyond one pixel outside the map contributes nothing; outside neighbours count as zero."""
+    D, H, W = len(image), len(image[0]), len(image[0][0])
+    if not (x > -1 and y > -1 and x < W and y < H):
+        return [0.0] * D
+    x0, y0 = math.floor(x), math.floor(y)
+    out = [0.0] * D
+    for yy, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+        for xx, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
+            if 0 <= yy < H and 0 <= xx < W:
+                for d in range(D):
+                    out[d] += wy * wx * image[d][yy][xx]
+    return out
+
+
+def reference_attention(module, query, refs, values, shapes, padding_mask):
+    """MSDeformAttn.forward written out with explicit loops over batch, queries, heads, levels and points."""
+    N, Lq, d = query.shape
+    M, L, P = module.n_heads, module.n_levels, module.n_points
+    D = d // M
+    value = module.value_proj(values).masked_fill(padding_mask[..., None], 0.0)
+    offsets = module.sampling_offsets(query).view(N, Lq, M, L, P, 2).tolist()
+    logits = module.attention_weights(query).view(N, Lq, M, L * P).tolist()
+    starts = [sum(h * w for h, w in shapes[:lvl]) for lvl in range(L)]
+    refs = refs.tolist()
+    heads_out = torch.zeros(N, Lq, d, dtype=query.dtype)
+    for n in range(N):
+        # per level and head: image [D][H][W]
+        maps = [[[[[value[n, starts[lvl] + i * w + j, m * D + c].item() for j in range(w)] for i in range(h)]
+                   for c in range(D)] for m in range(M)] for lvl, (h, w) in enumerate(shapes)]
+        for q in range(Lq):
+            for m in range(M):
+                exp = [math.exp(a) for a in logits[n][q][m]]
+                acc = [0.0] * D
+                for lvl, (h, w) in enumerate(shapes):
+                    ref = refs[n][q][lvl]
+                    for p in range(P):
+                        dx, dy = offsets[n][q][m][lvl][p]
+                        if len(ref) == 2:
+                            lx, ly = ref[0] + dx / w, ref[1] + dy / h
+                        else:
+                            lx, ly = ref[0] + dx / P * ref[2] * 0.5, ref[1] + dy / P * ref[3] * 0.5
+                        a = exp[lvl * P + p] / sum(exp)
+                        sample = bilinear_like_kernel(maps[lvl][m], lx * w - 0.5, ly * h - 0.5)
+                        acc = [s + a * v for s, v in zip(acc, sample)]
+                heads_out[n, q, m * D:(m + 1) * D] = torch.tensor(acc, dtype=query.dtype)
+    return module.output_proj(heads_out)
+
+
+def random_case(ref_dim, dtype=torch.float64, seed=0, lq=4):
+    gen = torch.Generator().manual_seed(seed)
+    module = MSDeformAttn(d_model=8, n_levels=len(SHAPES), n_heads=2, n_points=3).to(dtype)
+    with torch.no_grad():  # large random offsets and weights so samples land inside, across borders and outside
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype))
+        module.sampling_offsets.weight.mul_(2.0)
+    S = sum(h * w for h, w in SHAPES)
+    query = torch.randn(2, lq, 8, generator=gen, dtype=dtype)
+    values = torch.randn(2, S, 8, generator=gen, dtype=dtype)
+    refs = torch.rand(2, lq, len(SHAPES), ref_dim, generator=gen, dtype=dtype) * 1.2 - 0.1
+    if ref_dim == 4:
+        refs[..., 2:] = refs[..., 2:].abs() + 0.2
+    padding = torch.rand(2, S, generator=gen) < 0.3
+    return module, query, refs, values, padding
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_attention_equals_written_out_reference(ref_dim):
+    module, query, refs, values, padding = random_case(ref_dim)
+    with torch.no_grad():
+        ours = module(query, refs, values, SHAPES, padding)
+        expected = reference_attention(module, query, refs, values, SHAPES, padding)
+    assert torch.allclose(ours, expected, atol=1e-5, rtol=0)
+    assert ours.abs().max() > 0.1  # not a trivially zero output
+
+
+def test_attention_float32_matches_reference():
+    module, query, refs, values, padding = random_case(2, seed=1)
+    with torch.no_grad():
+        expected = reference_attention(module, query, refs, values, SHAPES, padding)
+        ours = module.float()(query.float(), refs.float(), values.float(), SHAPES, padding)
+    assert torch.allclose(ours.double(), expected, atol=1e-5, rtol=0)
+
+
+def core_inputs(seed=0, lq=3):
+    gen = torch.Generator().manual_seed(seed)
+    S = sum(h * w for h, w in SHAPES)
+    value = torch.randn(1, S, 2, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    locations = (torch.rand(1, lq, 2, len(SHAPES), 2, 2, generator=gen, dtype=torch.float64) * 1.2 - 0.1)
+    weights = torch.rand(1, lq, 2, len(SHAPES), 2, generator=gen, dtype=torch.float64)
+    return value, locations.requires_grad_(), weights.requires_grad_()
+
+
+def test_gradcheck_value_locations_weights():
+    value, locations, weights = core_inputs()
+    assert torch.autograd.gradcheck(lambda v, loc, w: deformable_attention_core(v, SHAPES, loc, w),
+                                    (value, locations, weights), eps=1e-6, atol=1e-5)
+
+
+def test_gradcheck_through_chunks():
+    value, locations, weights = core_inputs(seed=2, lq=5)
+    one_query = 2 * 2 * len(SHAPES) * 2 * 8  # heads * head_dim * levels * points * float64 bytes
+    assert torch.autograd.gradcheck(lambda v, loc, w: deformable_attention_core(v, SHAPES, loc, w, 2 * one_query),
+                                    (value, locations, weights), eps=1e-6, atol=1e-5)
+
+
+def test_chunked_equals_unchunked_with_gradients():
+    module, query, refs, values, padding = random_case(4, dtype=torch.float32, seed=3, lq=7)
+    query.requires_grad_()
+    full = module(query, refs, values, SHAPES, padding)
+    full.square().sum().backward()
+    grads = [p.grad.clone() for p in module.parameters()] + [query.grad.clone()]
+    module.zero_grad()
+    query.grad = None
+    module.max_sample_bytes = 1  # one query per chunk
+    chunked = module(query, refs, values, SHAPES, padding)
+    chunked.square().sum().backward()
+    assert torch.allclose(full, chunked, atol=1e-6)
+    for before, after in zip(grads, [p.grad for p in module.parameters()] + [query.grad]):
+        assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_bfloat16_autocast_runs_in_float32():
+    module, query, refs, values, padding = random_case(2, dtype=torch.float32, seed=4)
+    with torch.no_grad():
+        exact = module(query, refs, values, SHAPES, padding)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = module(query, refs, values, SHAPES, padding)
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), exact, atol=0.1 * exact.abs().max().item())
+
+
+def test_published_initialisation():
+    module = MSDeformAttn(256, n_levels=4, n_heads=8, n_points=4)
+    directions = [(1, 0), (1, 1), (0, 1), (-1, 1), (-1, 0), (-1, -1), (0, -1), (1, -1)]
+    expected = torch.tensor([[[[(p + 1) * dx, (p + 1) * dy] for p in range(4)] for _ in range(4)]
+                             for dx, dy in directions], dtype=torch.float32).flatten()
+    assert module.sampling_offsets.bias.shape == (256,)
+    assert torch.allclose(module.sampling_offsets.bias, expected, atol=1e-6)
+    assert torch.equal(radial_offset_bias(8, 4, 4), module.sampling_offsets.bias.detach())
+    assert not module.sampling_offsets.weight.any()
+    assert not module.attention_weights.weight.any() and not module.attention_weights.bias.any()
+    for proj in (module.value_proj, module.output_proj):
+        assert not proj.bias.any()
+        bound = math.sqrt(6 / (256 + 256))  # xavier_uniform
+        assert proj.weight.abs().max() <= bound and proj.weight.std() > bound / 3
+
+
+def test_init_samples_radially_around_a_2d_reference():
+    """At init, head m's point p sits (p+1) pixels from the reference along the head's direction, weights 1/16."""
+    torch.manual_seed(0)
+    module = MSDeformAttn(16, n_levels=1, n_heads=8, n_points=2)
+    H, W = 9, 9
+    image = torch.arange(H * W, dtype=torch.float32).view(1, H * W, 1).expand(1, H * W, 16)
+    with torch.no_grad():  # identity value projection: value channel = pixel index
+        module.value_proj.weight.copy_(torch.eye(16))
+        module.output_proj.weight.copy_(torch.eye(16))
+        centre = torch.tensor([[[[4.5 / W, 4.5 / H]]]])  # the centre of pixel (4, 4)
+        out = module(torch.zeros(1, 1, 16), centre, image, [(H, W)])
+    head0 = out[0, 0, 0].item()  # head 0 looks along +x: pixels (4,5) and (4,6), weights 1/2 each
+    assert head0 == pytest.approx((4 * 9 + 5 + 4 * 9 + 6) / 2)
