@@ -173,3 +173,130 @@ def test_init_samples_radially_around_a_2d_reference():
         out = module(torch.zeros(1, 1, 16), centre, image, [(H, W)])
     head0 = out[0, 0, 0].item()  # head 0 looks along +x: pixels (4,5) and (4,6), weights 1/2 each
     assert head0 == pytest.approx((4 * 9 + 5 + 4 * 9 + 6) / 2)
+
+
+# -- multi-scale input, encoder, decoder pieces ----------------------------------------------------------------
+
+from dndetr.config import BackboneConfig  # noqa: E402
+from dndetr.models.backbone import Backbone  # noqa: E402
+from dndetr.models.deformable_transformer import (DeformableDecoderLayer, DeformableEncoder,  # noqa: E402
+                                                  DeformableEncoderLayer, encoder_proposals, encoder_reference_points,
+                                                  flatten_levels, input_projection, level_references, project_levels,
+                                                  refine, topk_proposals)
+from dndetr.models.position_encoding import image_position_encoding  # noqa: E402
+
+
+def padded_batch():
+    """Two images in a 64x64 batch: one full, one 40 wide x 64 high (the right 24 columns padded)."""
+    images = torch.randn(2, 3, 64, 64)
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[1, :, 40:] = True
+    return images, masks
+
+
+def multiscale_memory(d=32):
+    torch.manual_seed(0)
+    backbone = Backbone(BackboneConfig(name="resnet18"), layers=["layer2", "layer3", "layer4"])
+    proj = input_projection(backbone.channels, d, num_levels=4)
+    images, masks = padded_batch()
+    levels = project_levels(proj, backbone.levels(images, masks), masks)
+    return backbone, proj, levels, flatten_levels(levels, torch.randn(4, d), 10000.0, -0.5)
+
+
+def test_single_scale_backbone_unchanged():
+    backbone = Backbone(BackboneConfig(name="resnet18"))
+    features, mask = backbone(*padded_batch())
+    assert features.shape == (2, 512, 2, 2) and mask.shape == (2, 2, 2) and backbone.num_channels == 512
+
+
+def test_multiscale_levels_strides_and_extra_level_from_raw_c5():
+    backbone, proj, levels, memory = multiscale_memory()
+    assert backbone.channels == [128, 256, 512]
+    assert [f.shape[-1] for f, _ in levels] == [8, 4, 2, 1]  # strides 8, 16, 32, 64 on 64 px
+    assert all(f.shape[1] == 32 for f, _ in levels)
+    assert proj[3][0].in_channels == 512 and proj[3][0].stride == (2, 2)  # reads raw C5, not the projected map
+    assert all(isinstance(p[1], torch.nn.GroupNorm) and p[1].num_groups == 32 for p in proj)
+    assert memory.shapes == [(8, 8), (4, 4), (2, 2), (1, 1)]
+    assert memory.src.shape == (2, 85, 32) and memory.mask.shape == (2, 85)
+    # image 1 is 40/64 wide: level 0 keeps 5 of 8 columns
+    assert torch.allclose(memory.valid_ratios[1, 0], torch.tensor([5 / 8, 1.0]))
+    assert torch.allclose(memory.valid_ratios[0], torch.ones(4, 2))
+    assert memory.mask[1, :64].view(8, 8)[:, 5:].all() and not memory.mask[1, :64].view(8, 8)[:, :5].any()
+
+
+def test_level_embedding_added_per_level():
+    _, _, levels, _ = multiscale_memory()
+    embed = torch.zeros(4, 32)
+    embed[2] = 1.0
+    shifted = flatten_levels(levels, embed, 10000.0, -0.5)
+    plain = flatten_levels(levels, torch.zeros(4, 32), 10000.0, -0.5)
+    diff = shifted.pos - plain.pos
+    assert torch.allclose(diff[:, 80:84], torch.ones(2, 4, 32)) and not diff[:, :80].any() and not diff[:, 84:].any()
+
+
+def test_sine_encoding_offset_puts_pixels_at_their_centres():
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    pos = image_position_encoding(mask, 8, 10000.0, offset=-0.5).view(1, 4, 4, 16)
+    # the first y feature is sin(y_normalised): y = (row + 0.5) / 4 * 2 pi
+    rows = torch.tensor([0.5, 1.5, 2.5, 3.5]) / (4 + 1e-6) * 2 * math.pi
+    assert torch.allclose(pos[0, :, 0, 0], rows.sin(), atol=1e-6)
+    plain = image_position_encoding(mask, 8, 10000.0).view(1, 4, 4, 16)
+    assert torch.allclose(plain[0, :, 0, 0], (torch.arange(1.0, 5.0) / (4 + 1e-6) * 2 * math.pi).sin(), atol=1e-6)
+
+
+def test_encoder_reference_points_are_valid_pixel_centres_seen_from_every_level():
+    ratios = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[0.5, 1.0], [0.5, 1.0]]])
+    refs = encoder_reference_points([(2, 4), (1, 2)], ratios)
+    assert refs.shape == (2, 10, 2, 2)
+    assert torch.allclose(refs[0, :4, 0], torch.tensor([[0.125, 0.25], [0.375, 0.25], [0.625, 0.25], [0.875, 0.25]]))
+    # padded image: normalised by the valid width (x / 0.5) then scaled back by the level's ratio (x 0.5)
+    assert torch.allclose(refs[1, :4, 0], refs[0, :4, 0])
+    assert torch.allclose(refs[1, 8:, 1], torch.tensor([[0.25, 0.5], [0.75, 0.5]]))
+
+
+def test_encoder_and_decoder_layers_run_and_ignore_padded_values():
+    _, _, _, memory = multiscale_memory()
+    encoder = DeformableEncoder(DeformableEncoderLayer(32, 64, 0.0, "relu", 4, 4, 2), 2).eval()
+    out = encoder(memory)
+    assert out.shape == memory.src.shape and torch.isfinite(out).all()
+    changed = memory._replace(src=memory.src.masked_fill(memory.mask[..., None], 123.0))
+    # the padded tokens' values never reach a valid token (their value rows are zeroed before sampling)
+    valid = ~memory.mask
+    assert torch.allclose(encoder(changed)[valid], out[valid], atol=1e-5)
+
+    layer = DeformableDecoderLayer(32, 4, 64, 0.0, "relu", 4, 2).eval()
+    refs = level_references(torch.rand(2, 5, 4), memory.valid_ratios)
+    assert refs.shape == (2, 5, 4, 4)
+    mask = torch.zeros(5, 5, dtype=torch.bool)
+    mask[:2, 2:] = True
+    hs = layer(torch.randn(2, 5, 32), torch.randn(2, 5, 32), refs, out, memory.shapes, memory.mask, mask)
+    assert hs.shape == (2, 5, 32) and torch.isfinite(hs).all()
+
+
+def test_refine_2d_reference_moves_centre_only():
+    delta = torch.tensor([[0.3, -0.2, 1.0, -1.0]])
+    box = refine(delta, torch.tensor([[0.5, 0.25]]))
+    assert torch.allclose(box[0, 2:], delta[0, 2:].sigmoid())
+    assert torch.allclose(box[0, :2], torch.tensor([0.3, -0.2 + math.log(1 / 3)]).sigmoid())
+    four = refine(delta, torch.tensor([[0.5, 0.5, 0.5, 0.5]]))
+    assert torch.allclose(four, delta.sigmoid())
+
+
+def test_encoder_proposals_sizes_and_invalid_tokens():
+    mask = torch.zeros(1, 4 * 4 + 2 * 2, dtype=torch.bool)
+    mask[0, 15] = True  # the last pixel of level 0 (the first row and column stay valid: valid size 4 x 4)
+    memory, logits = encoder_proposals(torch.ones(1, 20, 8), mask, [(4, 4), (2, 2)])
+    boxes = logits.sigmoid()
+    assert torch.allclose(boxes[0, 5], torch.tensor([0.375, 0.375, 0.05, 0.05]))
+    assert torch.allclose(boxes[0, 16 + 3], torch.tensor([0.75, 0.75, 0.1, 0.1]))
+    assert torch.isinf(logits[0, 15]).all() and not memory[0, 15].any()
+    assert torch.isfinite(logits[0, 0]).all() and memory[0, 0].all()
+    outside = encoder_proposals(torch.ones(1, 1, 8), torch.zeros(1, 1, dtype=torch.bool), [(1, 1)], base_size=0.995)
+    assert torch.isinf(outside[1]).all() and not outside[0].any()  # a box size beyond 0.99 is invalid
+
+
+def test_topk_proposals_detached_by_score():
+    coords = torch.arange(12.0).view(1, 3, 4).requires_grad_()
+    picked = topk_proposals(torch.tensor([[0.1, 0.9, 0.5]]), coords, 2)
+    assert torch.equal(picked, torch.tensor([[[4.0, 5, 6, 7], [8, 9, 10, 11]]])) and not picked.requires_grad
+
