@@ -59,7 +59,7 @@ def deformable_attention_core(value: torch.Tensor, shapes: Shapes, locations: to
     N, Lq, M, L, P, _ = locations.shape
     value_levels = split_levels(value, shapes)
     bytes_per_query = N * M * value.shape[-1] * L * P * value.element_size()
-    chunk = Lq if max_sample_bytes is None else max(1, max_sample_bytes // bytes_per_query)
+    chunk = Lq if max_sample_bytes is None else max(1, int(max_sample_bytes // bytes_per_query))
     if chunk >= Lq:
         return sample_and_mix(value_levels, locations, weights).to(out_dtype)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (value, locations, weights))
