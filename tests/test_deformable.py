@@ -300,3 +300,58 @@ def test_topk_proposals_detached_by_score():
     picked = topk_proposals(torch.tensor([[0.1, 0.9, 0.5]]), coords, 2)
     assert torch.equal(picked, torch.tensor([[[4.0, 5, 6, 7], [8, 9, 10, 11]]])) and not picked.requires_grad
 
+
+
+# -- the dense multi-level decoder layer of the "deformable encoder only" variant --------------------------------
+
+from dndetr.models.multilevel_decoder import MultiLevelDecoderLayer  # noqa: E402
+from dndetr.models.transformer import ConditionalDecoderLayer  # noqa: E402
+
+
+def conditional_twin(layer):
+    """A conditional decoder layer with the same weights whose cross-attention output projection = ca_out_v_proj."""
+    twin = ConditionalDecoderLayer(32, 4, 64, 0.0, "relu", first=layer.ca_qpos_proj is not None).eval()
+    state = {k: v for k, v in layer.state_dict().items() if not k.startswith(("ca_out_v_proj", "lvl_attn"))}
+    state.update({"cross_attn.out_proj." + k: v for k, v in layer.ca_out_v_proj.state_dict().items()})
+    twin.load_state_dict(state, strict=True)
+    return twin
+
+
+def test_multilevel_layer_with_one_level_is_the_conditional_layer():
+    torch.manual_seed(0)
+    layer = MultiLevelDecoderLayer(32, 4, 64, 0.0, "relu", first=True, n_levels=1).eval()
+    twin = conditional_twin(layer)
+    tgt, query_pos, query_sine = torch.randn(2, 5, 32), torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    memory, pos = torch.randn(2, 12, 32), torch.randn(2, 12, 32)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[1, 8:] = True
+    out = layer(tgt, memory, mask, pos, query_pos, query_sine, [(3, 4)])
+    assert torch.allclose(out, twin(tgt, memory, mask, pos, query_pos, query_sine), atol=1e-5)
+
+
+def test_multilevel_layer_mixes_levels_by_learned_weights():
+    torch.manual_seed(1)
+    layer = MultiLevelDecoderLayer(32, 4, 64, 0.0, "relu", first=False, n_levels=2).eval()
+    twin = conditional_twin(layer)
+    tgt, query_pos, query_sine = torch.randn(1, 3, 32), torch.randn(1, 3, 32), torch.randn(1, 3, 32)
+    memory, pos = torch.randn(1, 6 + 2, 32), torch.randn(1, 8, 32)
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    with torch.no_grad():  # all weight on level 1: the layer sees only the last 2 tokens
+        layer.lvl_attn.weight.zero_()
+        layer.lvl_attn.bias.copy_(torch.tensor([-50.0, 50.0]))
+    out = layer(tgt, memory, mask, pos, query_pos, query_sine, [(2, 3), (1, 2)])
+    only_level1 = twin(tgt, memory[:, 6:], mask[:, 6:], pos[:, 6:], query_pos, query_sine)
+    assert torch.allclose(out, only_level1, atol=1e-5)
+    with torch.no_grad():  # equal weights: differs from either level alone
+        layer.lvl_attn.bias.zero_()
+    assert not torch.allclose(layer(tgt, memory, mask, pos, query_pos, query_sine, [(2, 3), (1, 2)]), only_level1,
+                              atol=1e-3)
+
+
+def test_multilevel_layer_survives_an_all_padding_level():
+    layer = MultiLevelDecoderLayer(32, 4, 64, 0.0, "relu", first=True, n_levels=2).eval()
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, 6:] = True  # level 1 is all padding for this image
+    out = layer(torch.randn(1, 3, 32), torch.randn(1, 8, 32), mask, torch.randn(1, 8, 32), torch.randn(1, 3, 32),
+                torch.randn(1, 3, 32), [(2, 3), (1, 2)])
+    assert torch.isfinite(out).all()
