@@ -58,6 +58,12 @@ class ModelConfig:
     pe_temperature: float = 10000.0  # image positional encoding; DAB-DETR uses 20
     num_patterns: int = 0  # DAB-DETR only
     random_refpoints_xy: bool = False  # DAB-DETR only
+    # multi-scale deformable models (deformable, dab_deformable, dab_deformable_enc)
+    num_feature_levels: int = 4  # C3-C5 + extra stride-2 convolutions
+    enc_n_points: int = 4  # sampling points per head and level
+    dec_n_points: int = 4
+    box_refine: bool = False  # deformable: iterative box refinement (always on in the DAB variants)
+    two_stage: bool = False  # deformable: encoder proposals as queries (needs box_refine)
     num_select: int = 100  # detections kept per image by the post-processor
     # losses (the matcher's costs live in the matcher group)
     class_loss: str = "ce"  # "ce": softmax + no-object class (DETR); "focal": sigmoid focal (Conditional, DAB)
@@ -70,7 +76,8 @@ class ModelConfig:
     init_from: Optional[str] = None  # our checkpoint or an official .pth, loaded strictly
 
     def __post_init__(self) -> None:
-        check_choice("model.name", self.name, ("detr", "conditional", "dab"))
+        check_choice("model.name", self.name, ("detr", "conditional", "dab", "deformable", "dab_deformable",
+                                               "dab_deformable_enc"))
         check_choice("model.activation", self.activation, ("relu", "prelu", "gelu"))
         check_choice("model.class_loss", self.class_loss, ("ce", "focal"))
         for key in ("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "num_select"):
@@ -79,6 +86,8 @@ class ModelConfig:
         check(self.hidden_dim % 2 == 0, "model.hidden_dim", self.hidden_dim, "must be even (sine encoding)")
         check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
         check(self.num_patterns >= 0, "model.num_patterns", self.num_patterns, "must be >= 0")
+        for key in ("num_feature_levels", "enc_n_points", "dec_n_points"):
+            check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
         check(self.pe_temperature > 0, "model.pe_temperature", self.pe_temperature, "must be > 0")
         for key in ("loss_class", "loss_bbox", "loss_giou", "eos_coef"):
             check(getattr(self, key) >= 0, f"model.{key}", getattr(self, key), "must be >= 0")

@@ -87,6 +87,9 @@ class SetCriterion(nn.Module):
         num_boxes = global_box_count(targets, outputs["pred_logits"].device)
         layers = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
         groups = [("", suffix, self.matching_losses(out, targets, num_boxes), 1.0) for suffix, out in layers]
+        if "enc_outputs" in outputs:  # two-stage proposals: class-agnostic, every object is class 0
+            agnostic = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
+            groups.append(("", "_enc", self.matching_losses(outputs["enc_outputs"], agnostic, num_boxes), 1.0))
         if "dn" in outputs:
             groups += [("dn_", suffix, terms, self.dn_loss_weight)
                        for suffix, terms in self.dn_losses(outputs["dn"], len(layers) - 1).items()]

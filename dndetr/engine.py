@@ -218,6 +218,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def param_groups(model, cfg: Config) -> List[dict]:
+    if hasattr(model, "param_groups"):  # models with their own published groups (the deformable family)
+        return model.param_groups(cfg.optim.lr, cfg.optim.lr_backbone)
     backbone = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("backbone.")]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
     groups = [{"params": rest, "lr": cfg.optim.lr}]

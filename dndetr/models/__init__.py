@@ -5,9 +5,10 @@ from ..config import Config
 from .base import DetrBase
 from .conditional import ConditionalDETR
 from .dab import DABDETR
+from .deformable import DeformableDETR
 from .detr import DETR
 
-MODELS = {"detr": DETR, "conditional": ConditionalDETR, "dab": DABDETR}
+MODELS = {"detr": DETR, "conditional": ConditionalDETR, "dab": DABDETR, "deformable": DeformableDETR}
 
 
 def build_model(cfg: Config, num_classes: int, train_backbone: bool = True) -> DetrBase:

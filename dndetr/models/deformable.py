@@ -1,0 +1,114 @@
+"""Deformable DETR (Zhu et al., ICLR 2021): plain, with iterative box refinement, and two-stage.
+
+- plain: 300 learned queries; query_embed holds (query_pos, content); a 2-D reference point per query
+  (sigmoid(Linear(query_pos))) shared by all layers; ONE class head and ONE box head reused at every layer.
+- ``box_refine``: one head per layer; after layer l the reference becomes that layer's (detached) box, so layers
+  1.. sample with box references.
+- ``two_stage`` (needs ``box_refine``, as the official code): every encoder token proposes a box; the top-k by the
+  class-0 logit become the references, and their sine embedding (through pos_trans) the queries.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from .deformable_base import DeformableBase, class_head, zero_box_head
+from .deformable_transformer import (DeformableDecoderLayer, decoder_stack, encoder_proposals, level_references,
+                                     refine, reset_deformable_attention, topk_proposals)
+from .position_encoding import box_sine_embedding
+from .transformer import mlp, mlp_last_linear
+
+
+class DeformableDETR(DeformableBase):
+    # Official main.py: parameters whose name contains these train at lr x 0.1 (substring match, as there).
+    linear_proj_names = ("reference_points", "sampling_offsets")
+
+    def __init__(self, cfg, num_classes, dn_cfg=None, train_backbone=True):
+        if cfg.two_stage and not cfg.box_refine:
+            raise ConfigError("model.two_stage=true is invalid without model.box_refine=true (the official "
+                              "two-stage model refines boxes layer by layer)")
+        super().__init__(cfg, num_classes, dn_cfg, train_backbone)
+        d, num_layers = cfg.hidden_dim, cfg.dec_layers
+        layer = DeformableDecoderLayer(d, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.activation,
+                                       cfg.num_feature_levels, cfg.dec_n_points)
+        self.decoder = nn.Module()
+        self.decoder.layers = decoder_stack(layer, num_layers)
+        if cfg.two_stage:
+            self.enc_output, self.enc_output_norm = nn.Linear(d, d), nn.LayerNorm(d)
+            self.pos_trans, self.pos_trans_norm = nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d)
+        else:
+            self.query_embed = nn.Embedding(cfg.num_queries, 2 * d)
+            self.reference_points = nn.Linear(d, 2)
+        reset_deformable_attention(self.encoder, self.decoder, *([self.enc_output, self.pos_trans]
+                                                                 if cfg.two_stage else [self.reference_points]))
+        if not cfg.two_stage:
+            nn.init.zeros_(self.reference_points.bias)
+        self.reset_level_embed()
+        self.build_heads(d, num_classes, num_layers)
+        # Denoising: a noised box enters as a learned projection of its sine embedding, its centre (two-stage:
+        # its box) as the reference.
+        self.dn_pos_head = mlp(2 * d, d, d, 2) if self.dn is not None else None
+
+    def build_heads(self, d: int, num_classes: int, num_layers: int) -> None:
+        """Plain: one head object under every layer's index. Refine: independent copies (the first box head's
+        size logits start at -2). Two-stage: one more pair for the encoder proposals, no size bias at all."""
+        cls, box = class_head(d, num_classes), zero_box_head(d, size_bias=-2.0)
+        if not self.cfg.box_refine:
+            self.class_embed = nn.ModuleList([cls] * num_layers)
+            self.bbox_embed = nn.ModuleList([box] * num_layers)
+            return
+        count = num_layers + (1 if self.cfg.two_stage else 0)
+        self.class_embed = nn.ModuleList(copy.deepcopy(cls) for _ in range(count))
+        self.bbox_embed = nn.ModuleList(zero_box_head(d, size_bias=0.0) for _ in range(count))
+        if not self.cfg.two_stage:
+            nn.init.constant_(mlp_last_linear(self.bbox_embed[0]).bias[2:], -2.0)
+
+    # -- queries ------------------------------------------------------------------------------------------------
+    def propose(self, memory):
+        if not self.cfg.two_stage:
+            return None
+        tokens, proposal_logits = encoder_proposals(memory.src, memory.mask, memory.shapes)
+        tokens = self.enc_output_norm(self.enc_output(tokens))
+        logits = self.class_embed[-1](tokens)
+        coords = self.bbox_embed[-1](tokens) + proposal_logits
+        # Class-agnostic ranking by the first class logit (the encoder loss uses label 0 for every object).
+        top = topk_proposals(logits[..., 0], coords, self.cfg.num_queries)
+        return {"logits": logits, "boxes": coords.sigmoid(), "top": top}
+
+    def matching_queries(self, memory, proposals):
+        batch_size, d = memory.src.shape[0], self.hidden_dim
+        if proposals is not None:
+            boxes = proposals["top"].sigmoid()
+            embedded = self.pos_trans_norm(self.pos_trans(box_sine_embedding(boxes, d // 2, yx_first=False)))
+            query_pos, content = embedded.split(d, dim=-1)
+            return content, {"pos": query_pos, "ref": boxes}
+        query_pos, content = self.query_embed.weight[None].expand(batch_size, -1, -1).split(d, dim=-1)
+        return content, {"pos": query_pos, "ref": self.reference_points(query_pos).sigmoid()}
+
+    def dn_position(self, boxes):
+        reference = boxes if self.cfg.two_stage else boxes[..., :2]
+        return {"pos": self.dn_pos_head(box_sine_embedding(boxes, self.hidden_dim // 2)), "ref": reference}
+
+    # -- decoder and heads --------------------------------------------------------------------------------------
+    def decode(self, content, position, memory, self_attn_mask):
+        reference = position["ref"]
+        references, hs, out = [reference], [], content
+        num_layers = len(self.decoder.layers)
+        for i, layer in enumerate(self.decoder.layers):
+            out = layer(out, position["pos"], level_references(reference, memory.valid_ratios), memory.src,
+                        memory.shapes, memory.mask, self_attn_mask)
+            hs.append(out)
+            if self.cfg.box_refine and i < num_layers - 1:
+                # Detached: a layer's box loss does not reach earlier layers through its reference.
+                reference = refine(self.bbox_embed[i](out), reference).detach()
+                references.append(reference)
+        return torch.stack(hs), references
+
+    def predict(self, hs, references):
+        logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hs)])
+        boxes = torch.stack([refine(self.bbox_embed[i](h), references[min(i, len(references) - 1)])
+                             for i, h in enumerate(hs)])
+        return logits, boxes

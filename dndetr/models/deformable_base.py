@@ -1,0 +1,133 @@
+"""What Deformable DETR, DAB-Deformable-DETR and DN-Deformable-DETR share: the multi-scale backbone (C3-C5 + a
+stride-64 level), input projections, level embeddings, the deformable encoder and the forward pass.
+
+Each model implements the same query interface as the single-scale models (dndetr/models/base.py), with the
+multi-scale memory (:class:`MultiScaleMemory`, encoded) in place of (memory, padding_mask, pos):
+
+- ``propose(memory) -> dict or None``: two-stage encoder proposals (``enc_outputs`` and the top-k boxes)
+- ``matching_queries(memory, proposals) -> (content [B,N,d], position)``
+- ``dn_position(boxes [B,P,4]) -> position``
+- ``decode(content, position, memory, self_attn_mask) -> (hs [L,B,N,d], references)``
+- ``predict(hs, references) -> (logits [L,B,N,K], boxes [L,B,N,4])`` (per-layer heads where the model has them)
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from ..config import DNConfig, ModelConfig
+from ..dn import Denoising
+from .backbone import Backbone
+from .deformable_transformer import (DeformableEncoder, DeformableEncoderLayer, MultiScaleMemory, flatten_levels,
+                                     input_projection, project_levels)
+from .transformer import mlp, mlp_last_linear
+
+PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # focal-loss prior: every class starts at probability 0.01
+LINEAR_PROJ_LR_MULT = 0.1
+
+
+def backbone_layers(num_levels: int) -> List[str]:
+    """C3-C5 for multi-scale models (extra levels are convolutions on C5), C5 alone for one level."""
+    return ["layer4"] if num_levels == 1 else ["layer2", "layer3", "layer4"]
+
+
+def class_head(d: int, num_classes: int) -> nn.Linear:
+    head = nn.Linear(d, num_classes)
+    nn.init.constant_(head.bias, PRIOR_BIAS)
+    return head
+
+
+def zero_box_head(d: int, size_bias: float = 0.0):
+    """Box MLP whose last layer starts at zero, with ``size_bias`` on the (w, h) logits."""
+    head = mlp(d, d, 4, 3)
+    last = mlp_last_linear(head)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    nn.init.constant_(last.bias[2:], size_bias)
+    return head
+
+
+class DeformableBase(nn.Module, ABC):
+    pe_offset = -0.5  # Deformable DETR's sine PE measures pixel centres; the encoder-only DN variant does not
+    linear_proj_names: tuple = ()
+
+    def __init__(self, cfg: ModelConfig, num_classes: int, dn_cfg: Optional[DNConfig] = None,
+                 train_backbone: bool = True, d_ffn_encoder: Optional[int] = None):
+        super().__init__()
+        d, levels = cfg.hidden_dim, cfg.num_feature_levels
+        self.cfg, self.num_classes, self.hidden_dim = cfg, num_classes, d
+        self.backbone = Backbone(cfg.backbone, train_backbone, layers=backbone_layers(levels))
+        self.input_proj = input_projection(self.backbone.channels, d, levels)
+        layer = DeformableEncoderLayer(d, d_ffn_encoder or cfg.dim_feedforward, cfg.dropout, cfg.activation,
+                                       levels, cfg.nheads, cfg.enc_n_points)
+        self.encoder = DeformableEncoder(layer, cfg.enc_layers)
+        self.level_embed = nn.Parameter(torch.empty(levels, d))
+        self.dn = Denoising(dn_cfg, num_classes, d) if dn_cfg is not None and dn_cfg.groups > 0 else None
+
+    def reset_level_embed(self) -> None:
+        nn.init.normal_(self.level_embed)
+
+    # -- the query interface ------------------------------------------------------------------------------------
+    def propose(self, memory: MultiScaleMemory) -> Optional[dict]:
+        """Two-stage models: predictions on the encoder tokens (``logits``, ``boxes``) and what the queries need."""
+        return None
+
+    @abstractmethod
+    def matching_queries(self, memory: MultiScaleMemory, proposals: Optional[dict]):
+        """The learned (or, two-stage, encoder-proposed) matching queries: content [B,N,d] and position."""
+
+    @abstractmethod
+    def dn_position(self, boxes: torch.Tensor):
+        """Positional query of (noised) ground-truth boxes [B,P,4]."""
+
+    @abstractmethod
+    def decode(self, content, position, memory: MultiScaleMemory, self_attn_mask):
+        """Returns hs [L,B,N,d] and the per-layer references the box heads add to."""
+
+    @abstractmethod
+    def predict(self, hs, references):
+        """Per-layer logits [L,B,N,K] and boxes [L,B,N,4] (sigmoid cxcywh)."""
+
+    # -- the shared forward pass --------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor, masks: torch.Tensor) -> MultiScaleMemory:
+        levels = project_levels(self.input_proj, self.backbone.levels(images, masks), masks)
+        memory = flatten_levels(levels, self.level_embed, self.cfg.pe_temperature, self.pe_offset)
+        return memory._replace(src=self.encoder(memory))
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor, targets=None) -> dict:
+        memory = self.encode(images, masks)
+        proposals = self.propose(memory)
+        content, position = self.matching_queries(memory, proposals)
+        self_attn_mask, dn_meta = None, None
+        if self.dn is not None:
+            content = content + self.dn.matching_content()
+            if self.training and targets is not None:
+                content, position, self_attn_mask, dn_meta = self.dn.prepare(targets, content, position,
+                                                                              self.dn_position)
+        hs, references = self.decode(content, position, memory, self_attn_mask)
+        logits, boxes = self.predict(hs, references)
+        outputs = {}
+        if dn_meta is not None:
+            (logits, boxes), outputs["dn"] = self.dn.split(logits, boxes, dn_meta)
+        outputs["pred_logits"], outputs["pred_boxes"] = logits[-1], boxes[-1]
+        if self.cfg.aux_loss:
+            outputs["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        if proposals is not None:  # trained class-agnostically by the criterion (loss suffix _enc)
+            outputs["enc_outputs"] = {"pred_logits": proposals["logits"], "pred_boxes": proposals["boxes"]}
+        return outputs
+
+    def param_groups(self, lr: float, lr_backbone: float) -> List[dict]:
+        """Backbone at lr_backbone; parameters named by ``linear_proj_names`` (Deformable DETR only) at
+        lr x 0.1; the rest at lr. The DN/DAB repositories have only the first two groups."""
+        groups = {"rest": [], "proj": [], "backbone": []}
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                kind = ("backbone" if name.startswith("backbone.") else
+                        "proj" if any(k in name for k in self.linear_proj_names) else "rest")
+                groups[kind].append(param)
+        rates = {"rest": lr, "proj": lr * LINEAR_PROJ_LR_MULT, "backbone": lr_backbone}
+        return [{"params": params, "lr": rates[kind]} for kind, params in groups.items() if params]
