@@ -1,15 +1,18 @@
-"""Loading and exporting the official DETR / Conditional DETR / DAB-DETR / DN-DAB-DETR checkpoints.
+"""Loading and exporting the official DETR / Conditional DETR / DAB-DETR / DN-DAB-DETR / Deformable DETR (plain,
+refine, two-stage) / DAB-Deformable-DETR / DN-Deformable-DETR checkpoints.
 
 Our modules compute the same functions with the same tensors as the official ones; only the key names differ.
 Official key -> our key (``ours_to_official`` is the exact inverse; the table is also in docs/models.md):
 
 - ``backbone.0.body.*`` -> ``backbone.body.*``
-- ``transformer.{encoder,decoder,patterns}.*`` -> ``{encoder,decoder,patterns}.*``
-- ``<mlp>.layers.{i}.*`` -> ``<mlp>.{3*i}.*`` (torchvision's MLP: Linear, ReLU, Dropout per hidden layer)
+- ``transformer.{encoder,decoder,patterns,level_embed,...}`` -> the same name without ``transformer.``
+- ``<mlp>[.{k}].layers.{i}.*`` -> ``<mlp>[.{k}].{3*i}.*`` (torchvision's MLP: Linear, ReLU, Dropout per hidden
+  layer; ``.{k}`` = a per-layer head list of the deformable models)
 - ``*.layers.{k}.{linear1,linear2,activation}.*`` -> ``*.layers.{k}.ffn.{linear1,linear2,activation}.*``
 - ``label_enc.weight`` (DN-DAB-DETR) -> ``dn.label_enc.weight``
-- ``transformer.decoder.bbox_embed.*`` (DAB-DETR: the box head itself, under a second name) -> dropped on load
-  after checking it equals ``bbox_embed.*``, written back on export
+- ``transformer.decoder.{bbox,class}_embed.*`` (DAB-DETR and the deformable models with refinement: the heads
+  themselves, under a second name) -> dropped on load after checking they equal ``{bbox,class}_embed.*``, written
+  back on export (which heads: the model's ``official_aliases``)
 
 ``<mlp>`` is any of :data:`MLP_NAMES`. Packed attention weights (``in_proj_weight`` [3d, d], q/k/v rows) need no
 conversion: our encoder layers and DETR decoder layers use ``nn.MultiheadAttention`` exactly like the originals,
@@ -30,16 +33,19 @@ from .config import ConfigError
 
 StateDict = Dict[str, torch.Tensor]
 
-MODEL_NAMES = ("detr", "conditional", "dab")
+MODEL_NAMES = ("detr", "conditional", "dab", "deformable", "dab_deformable", "dab_deformable_enc")
 # Every MLP in the official models (DETR's MLP class, a ModuleList under ``layers``) and in ours (torchvision MLP).
 MLP_NAMES = ("bbox_embed", "query_scale", "ref_point_head", "ref_anchor_head", "dn_pos_head")
 MLP_STRIDE = 3  # torchvision's MLP: Linear, ReLU, Dropout, Linear, ...
-DAB_DECODER_BOX_HEAD = "transformer.decoder.bbox_embed."  # DAB-DETR's second name for the shared box head
-TRANSFORMER_PARTS = ("encoder.", "decoder.", "patterns.")
+DECODER_ALIAS = "transformer.decoder."  # second name of heads the decoder also uses (refinement)
+ALIASED_HEADS = ("bbox_embed.", "class_embed.")
+ALIAS_MODELS = ("dab", "deformable", "dab_deformable", "dab_deformable_enc")
+TRANSFORMER_PARTS = ("encoder.", "decoder.", "patterns.", "level_embed", "reference_points.", "enc_output.",
+                     "enc_output_norm.", "pos_trans.", "pos_trans_norm.")
 
 _MLP = "|".join(MLP_NAMES)
-_OFFICIAL_MLP = re.compile(rf"(^|\.)({_MLP})\.layers\.(\d+)\.")
-_OUR_MLP = re.compile(rf"(^|\.)({_MLP})\.(\d+)\.")
+_OFFICIAL_MLP = re.compile(rf"(^|\.)((?:{_MLP})(?:\.\d+)?)\.layers\.(\d+)\.")
+_OUR_MLP = re.compile(rf"(^|\.)((?:{_MLP})(?:\.\d+)?)\.(\d+)\.")
 _OFFICIAL_FFN = re.compile(r"\.layers\.(\d+)\.(linear1|linear2|activation)\.")
 _OUR_FFN = re.compile(r"\.layers\.(\d+)\.ffn\.")
 
@@ -81,23 +87,25 @@ def our_key_to_official(key: str) -> str:
 def official_to_ours(state: StateDict, model_name: str) -> StateDict:
     """An official ``model`` state dict -> ours (see the module docstring for the rules)."""
     _check_name(model_name)
-    duplicates = {k: v for k, v in state.items() if k.startswith(DAB_DECODER_BOX_HEAD)}
-    if duplicates and model_name != "dab":
-        raise ConfigError(f"{next(iter(duplicates))!r} is unexpected for model {model_name!r}: only DAB-DETR "
-                          "shares its box head with the decoder")
+    duplicates = {k: v for k, v in state.items() if k.startswith(tuple(DECODER_ALIAS + h for h in ALIASED_HEADS))}
+    if duplicates and model_name not in ALIAS_MODELS:
+        raise ConfigError(f"{next(iter(duplicates))!r} is unexpected for model {model_name!r}: only DAB-DETR and "
+                          "the deformable models share their heads with the decoder")
     for key, value in duplicates.items():
-        head_key = key[len("transformer.decoder."):]
+        head_key = key[len(DECODER_ALIAS):]
         if head_key not in state or not torch.equal(state[head_key], value):
-            raise ConfigError(f"{key!r} must be the same tensor as {head_key!r} (DAB-DETR shares one box head)")
+            raise ConfigError(f"{key!r} must be the same tensor as {head_key!r} (the decoder shares the heads)")
     return {official_key_to_ours(k): v for k, v in state.items() if k not in duplicates}
 
 
-def ours_to_official(state: StateDict, model_name: str) -> StateDict:
-    """Our state dict -> the official layout (DAB-DETR gets its decoder alias of the box head back)."""
+def ours_to_official(state: StateDict, model_name: str, aliases: Optional[tuple] = None) -> StateDict:
+    """Our state dict -> the official layout, with the decoder's second name for the heads in ``aliases``
+    (default: DAB-DETR's box head for ``dab``, none otherwise)."""
     _check_name(model_name)
+    if aliases is None:
+        aliases = ("bbox_embed.",) if model_name == "dab" else ()
     official = {our_key_to_official(k): v for k, v in state.items()}
-    if model_name == "dab":
-        official.update({"transformer.decoder." + k: v for k, v in official.items() if k.startswith("bbox_embed.")})
+    official.update({DECODER_ALIAS + k: v for k, v in official.items() if k.startswith(tuple(aliases))})
     return official
 
 
@@ -162,4 +170,4 @@ def load_into(model: nn.Module, path) -> None:
 
 def export_official(model: nn.Module, model_name: Optional[str] = None) -> StateDict:
     """The model's state dict in the official layout (model_name defaults to ``model.cfg.name``)."""
-    return ours_to_official(model.state_dict(), model_name or model.cfg.name)
+    return ours_to_official(model.state_dict(), model_name or model.cfg.name, getattr(model, "official_aliases", None))

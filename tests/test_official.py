@@ -148,7 +148,7 @@ def test_key_mapping_rules():
     with pytest.raises(ConfigError, match="only DAB-DETR"):
         official_to_ours(official, "conditional")
     with pytest.raises(ConfigError, match="model_name='deformable'"):
-        official_to_ours(official, "deformable")
+        official_to_ours(official, "yolo")
 
 
 def small_model(name: str):

@@ -52,6 +52,13 @@ class DeformableDETR(DeformableBase):
         # its box) as the reference.
         self.dn_pos_head = mlp(2 * d, d, d, 2) if self.dn is not None else None
 
+    @property
+    def official_aliases(self) -> tuple:
+        """Heads the official decoder holds under a second name (transformer.decoder.*): the refinement heads."""
+        if not self.cfg.box_refine:
+            return ()
+        return ("bbox_embed.", "class_embed.") if self.cfg.two_stage else ("bbox_embed.",)
+
     def build_heads(self, d: int, num_classes: int, num_layers: int) -> None:
         """Plain: one head object under every layer's index. Refine: independent copies (the first box head's
         size logits start at -2). Two-stage: one more pair for the encoder proposals, no size bias at all."""
