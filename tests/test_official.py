@@ -147,7 +147,7 @@ def test_key_mapping_rules():
         official_to_ours(diverged, "dab")
     with pytest.raises(ConfigError, match="only DAB-DETR"):
         official_to_ours(official, "conditional")
-    with pytest.raises(ConfigError, match="model_name='deformable'"):
+    with pytest.raises(ConfigError, match="model_name='yolo'"):
         official_to_ours(official, "yolo")
 
 
