@@ -9,17 +9,14 @@
 """
 from __future__ import annotations
 
-import copy
-
-import torch
 from torch import nn
 
 from ..config import ConfigError
-from .deformable_base import DeformableBase, class_head, zero_box_head
-from .deformable_transformer import (DeformableDecoderLayer, decoder_stack, encoder_proposals, level_references,
-                                     refine, reset_deformable_attention, topk_proposals)
+from .deformable_base import DeformableBase
+from .deformable_transformer import (DeformableDecoderLayer, decoder_stack, encoder_proposals,
+                                     reset_deformable_attention, topk_proposals)
 from .position_encoding import box_sine_embedding
-from .transformer import mlp, mlp_last_linear
+from .transformer import mlp
 
 
 class DeformableDETR(DeformableBase):
@@ -47,7 +44,9 @@ class DeformableDETR(DeformableBase):
         if not cfg.two_stage:
             nn.init.zeros_(self.reference_points.bias)
         self.reset_level_embed()
-        self.build_heads(d, num_classes, num_layers)
+        # Two-stage: no size bias at all (the proposals already carry sizes).
+        self.build_heads(num_layers, shared=not cfg.box_refine, extra=int(cfg.two_stage),
+                         first_size_bias=0.0 if cfg.two_stage else -2.0)
         # Denoising: a noised box enters as a learned projection of its sine embedding, its centre (two-stage:
         # its box) as the reference.
         self.dn_pos_head = mlp(2 * d, d, d, 2) if self.dn is not None else None
@@ -58,20 +57,6 @@ class DeformableDETR(DeformableBase):
         if not self.cfg.box_refine:
             return ()
         return ("bbox_embed.", "class_embed.") if self.cfg.two_stage else ("bbox_embed.",)
-
-    def build_heads(self, d: int, num_classes: int, num_layers: int) -> None:
-        """Plain: one head object under every layer's index. Refine: independent copies (the first box head's
-        size logits start at -2). Two-stage: one more pair for the encoder proposals, no size bias at all."""
-        cls, box = class_head(d, num_classes), zero_box_head(d, size_bias=-2.0)
-        if not self.cfg.box_refine:
-            self.class_embed = nn.ModuleList([cls] * num_layers)
-            self.bbox_embed = nn.ModuleList([box] * num_layers)
-            return
-        count = num_layers + (1 if self.cfg.two_stage else 0)
-        self.class_embed = nn.ModuleList(copy.deepcopy(cls) for _ in range(count))
-        self.bbox_embed = nn.ModuleList(zero_box_head(d, size_bias=0.0) for _ in range(count))
-        if not self.cfg.two_stage:
-            nn.init.constant_(mlp_last_linear(self.bbox_embed[0]).bias[2:], -2.0)
 
     # -- queries ------------------------------------------------------------------------------------------------
     def propose(self, memory):
@@ -99,23 +84,13 @@ class DeformableDETR(DeformableBase):
         reference = boxes if self.cfg.two_stage else boxes[..., :2]
         return {"pos": self.dn_pos_head(box_sine_embedding(boxes, self.hidden_dim // 2)), "ref": reference}
 
-    # -- decoder and heads --------------------------------------------------------------------------------------
-    def decode(self, content, position, memory, self_attn_mask):
-        reference = position["ref"]
-        references, hs, out = [reference], [], content
-        num_layers = len(self.decoder.layers)
-        for i, layer in enumerate(self.decoder.layers):
-            out = layer(out, position["pos"], level_references(reference, memory.valid_ratios), memory.src,
-                        memory.shapes, memory.mask, self_attn_mask)
-            hs.append(out)
-            if self.cfg.box_refine and i < num_layers - 1:
-                # Detached: a layer's box loss does not reach earlier layers through its reference.
-                reference = refine(self.bbox_embed[i](out), reference).detach()
-                references.append(reference)
-        return torch.stack(hs), references
+    # -- decoder ----------------------------------------------------------------------------------------------
+    @property
+    def refines(self) -> bool:
+        return self.cfg.box_refine
 
-    def predict(self, hs, references):
-        logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hs)])
-        boxes = torch.stack([refine(self.bbox_embed[i](h), references[min(i, len(references) - 1)])
-                             for i, h in enumerate(hs)])
-        return logits, boxes
+    def initial_reference(self, position):
+        return position["ref"]
+
+    def layer_query_pos(self, index, position, level_refs, out):
+        return position["pos"]  # static: the same positional query in every layer

@@ -8,10 +8,14 @@ multi-scale memory (:class:`MultiScaleMemory`, encoded) in place of (memory, pad
 - ``matching_queries(memory, proposals) -> (content [B,N,d], position)``
 - ``dn_position(boxes [B,P,4]) -> position``
 - ``decode(content, position, memory, self_attn_mask) -> (hs [L,B,N,d], references)``
-- ``predict(hs, references) -> (logits [L,B,N,K], boxes [L,B,N,4])`` (per-layer heads where the model has them)
+- ``predict(hs, references) -> (logits [L,B,N,K], boxes [L,B,N,4])``
+
+The deformable decoders (Deformable DETR, DAB-Deformable-DETR) share :meth:`DeformableBase.decode` and differ in
+``initial_reference`` and ``layer_query_pos``; the encoder-only DN variant has its own decoder.
 """
 from __future__ import annotations
 
+import copy
 import math
 from abc import ABC, abstractmethod
 from typing import List, Optional
@@ -23,7 +27,7 @@ from ..config import DNConfig, ModelConfig
 from ..dn import Denoising
 from .backbone import Backbone
 from .deformable_transformer import (DeformableEncoder, DeformableEncoderLayer, MultiScaleMemory, flatten_levels,
-                                     input_projection, project_levels)
+                                     input_projection, level_references, project_levels, refine)
 from .transformer import mlp, mlp_last_linear
 
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # focal-loss prior: every class starts at probability 0.01
@@ -41,19 +45,19 @@ def class_head(d: int, num_classes: int) -> nn.Linear:
     return head
 
 
-def zero_box_head(d: int, size_bias: float = 0.0):
-    """Box MLP whose last layer starts at zero, with ``size_bias`` on the (w, h) logits."""
+def zero_box_head(d: int):
+    """Box MLP whose last layer starts at zero (the box is the reference at init)."""
     head = mlp(d, d, 4, 3)
-    last = mlp_last_linear(head)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
-    nn.init.constant_(last.bias[2:], size_bias)
+    nn.init.zeros_(mlp_last_linear(head).weight)
+    nn.init.zeros_(mlp_last_linear(head).bias)
     return head
 
 
 class DeformableBase(nn.Module, ABC):
     pe_offset = -0.5  # Deformable DETR's sine PE measures pixel centres; the encoder-only DN variant does not
     linear_proj_names: tuple = ()
+    inverse_sigmoid_eps = 1e-5  # Deformable DETR; the DN/DAB repositories use 1e-3
+    refines = True  # the box references are updated layer by layer (Deformable DETR: model.box_refine)
 
     def __init__(self, cfg: ModelConfig, num_classes: int, dn_cfg: Optional[DNConfig] = None,
                  train_backbone: bool = True, d_ffn_encoder: Optional[int] = None):
@@ -84,13 +88,50 @@ class DeformableBase(nn.Module, ABC):
     def dn_position(self, boxes: torch.Tensor):
         """Positional query of (noised) ground-truth boxes [B,P,4]."""
 
-    @abstractmethod
-    def decode(self, content, position, memory: MultiScaleMemory, self_attn_mask):
-        """Returns hs [L,B,N,d] and the per-layer references the box heads add to."""
+    def initial_reference(self, position) -> torch.Tensor:
+        """The first layer's references [B,N,2|4] in [0,1] of the image."""
+        raise NotImplementedError
 
-    @abstractmethod
+    def layer_query_pos(self, index: int, position, level_refs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The positional query of decoder layer ``index`` (level_refs: [B,N,L,2|4]; out: the layer's input)."""
+        raise NotImplementedError
+
+    def build_heads(self, num_layers: int, shared: bool, extra: int = 0, first_size_bias: float = -2.0) -> None:
+        """``shared``: one class and one box head under every layer's index (as the official plain model).
+        Otherwise independent copies, ``extra`` more for the encoder proposals, and only the first box head's
+        size logits start at ``first_size_bias``."""
+        d = self.hidden_dim
+        cls, box = class_head(d, self.num_classes), zero_box_head(d)
+        if shared:
+            self.class_embed = nn.ModuleList([cls] * num_layers)
+            self.bbox_embed = nn.ModuleList([box] * num_layers)
+        else:  # copies of one initialised head, as the official _get_clones: equal initial weights
+            self.class_embed = nn.ModuleList(copy.deepcopy(cls) for _ in range(num_layers + extra))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(box) for _ in range(num_layers + extra))
+        nn.init.constant_(mlp_last_linear(self.bbox_embed[0]).bias[2:], first_size_bias)
+
+    def decode(self, content, position, memory: MultiScaleMemory, self_attn_mask):
+        """Returns hs [L,B,N,d] (raw layer outputs, no final norm) and each layer's reference."""
+        reference = self.initial_reference(position)
+        references, hs, out = [reference], [], content
+        num_layers = len(self.decoder.layers)
+        for i, layer in enumerate(self.decoder.layers):
+            level_refs = level_references(reference, memory.valid_ratios)
+            query_pos = self.layer_query_pos(i, position, level_refs, out)
+            out = layer(out, query_pos, level_refs, memory.src, memory.shapes, memory.mask, self_attn_mask)
+            hs.append(out)
+            if self.refines and i < num_layers - 1:
+                # Detached: a layer's box loss does not reach earlier layers through its reference.
+                reference = refine(self.bbox_embed[i](out), reference, self.inverse_sigmoid_eps).detach()
+                references.append(reference)
+        return torch.stack(hs), references
+
     def predict(self, hs, references):
-        """Per-layer logits [L,B,N,K] and boxes [L,B,N,4] (sigmoid cxcywh)."""
+        """Layer l: its own heads (or the shared ones), added to the reference it attended with."""
+        logits = torch.stack([self.class_embed[i](h) for i, h in enumerate(hs)])
+        boxes = torch.stack([refine(self.bbox_embed[i](h), references[min(i, len(references) - 1)],
+                                    self.inverse_sigmoid_eps) for i, h in enumerate(hs)])
+        return logits, boxes
 
     # -- the shared forward pass --------------------------------------------------------------------------------
     def encode(self, images: torch.Tensor, masks: torch.Tensor) -> MultiScaleMemory:
