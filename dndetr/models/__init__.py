@@ -5,10 +5,12 @@ from ..config import Config
 from .base import DetrBase
 from .conditional import ConditionalDETR
 from .dab import DABDETR
+from .dab_deformable import DABDeformableDETR
 from .deformable import DeformableDETR
 from .detr import DETR
 
-MODELS = {"detr": DETR, "conditional": ConditionalDETR, "dab": DABDETR, "deformable": DeformableDETR}
+MODELS = {"detr": DETR, "conditional": ConditionalDETR, "dab": DABDETR, "deformable": DeformableDETR,
+          "dab_deformable": DABDeformableDETR}
 
 
 def build_model(cfg: Config, num_classes: int, train_backbone: bool = True) -> DetrBase:

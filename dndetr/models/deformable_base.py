@@ -58,6 +58,7 @@ class DeformableBase(nn.Module, ABC):
     linear_proj_names: tuple = ()
     inverse_sigmoid_eps = 1e-5  # Deformable DETR; the DN/DAB repositories use 1e-3
     refines = True  # the box references are updated layer by layer (Deformable DETR: model.box_refine)
+    adds_unknown_label = True  # with DN, matching queries add the label embedding of "unknown" to their content
 
     def __init__(self, cfg: ModelConfig, num_classes: int, dn_cfg: Optional[DNConfig] = None,
                  train_backbone: bool = True, d_ffn_encoder: Optional[int] = None):
@@ -145,7 +146,10 @@ class DeformableBase(nn.Module, ABC):
         content, position = self.matching_queries(memory, proposals)
         self_attn_mask, dn_meta = None, None
         if self.dn is not None:
-            content = content + self.dn.matching_content()
+            unknown = self.dn.matching_content()
+            # Zero-weighted, it still keeps the label embedding in the graph (the official code adds
+            # label_enc.weight[0][0] * 0 for the same reason: every parameter gets a gradient under DDP).
+            content = content + (unknown if self.adds_unknown_label else 0.0 * unknown)
             if self.training and targets is not None:
                 content, position, self_attn_mask, dn_meta = self.dn.prepare(targets, content, position,
                                                                               self.dn_position)
