@@ -180,7 +180,7 @@ def test_init_samples_radially_around_a_2d_reference():
 from dndetr.config import BackboneConfig  # noqa: E402
 from dndetr.models.backbone import Backbone  # noqa: E402
 from dndetr.models.deformable_transformer import (DeformableDecoderLayer, DeformableEncoder,  # noqa: E402
-                                                  DeformableEncoderLayer, encoder_proposals, encoder_reference_points,
+                                                  DeformableEncoderLayer, MultiScaleMemory, encoder_proposals, encoder_reference_points,
                                                   flatten_levels, input_projection, level_references, project_levels,
                                                   refine, topk_proposals)
 from dndetr.models.position_encoding import image_position_encoding  # noqa: E402
@@ -308,6 +308,10 @@ from dndetr.models.multilevel_decoder import MultiLevelDecoderLayer  # noqa: E40
 from dndetr.models.transformer import ConditionalDecoderLayer  # noqa: E402
 
 
+def as_memory(tokens, shapes):
+    return MultiScaleMemory(tokens, None, None, shapes, None)
+
+
 def conditional_twin(layer):
     """A conditional decoder layer with the same weights whose cross-attention output projection = ca_out_v_proj."""
     twin = ConditionalDecoderLayer(32, 4, 64, 0.0, "relu", first=layer.ca_qpos_proj is not None).eval()
@@ -325,7 +329,7 @@ def test_multilevel_layer_with_one_level_is_the_conditional_layer():
     memory, pos = torch.randn(2, 12, 32), torch.randn(2, 12, 32)
     mask = torch.zeros(2, 12, dtype=torch.bool)
     mask[1, 8:] = True
-    out = layer(tgt, memory, mask, pos, query_pos, query_sine, [(3, 4)])
+    out = layer(tgt, as_memory(memory, [(3, 4)]), mask, pos, query_pos, query_sine)
     assert torch.allclose(out, twin(tgt, memory, mask, pos, query_pos, query_sine), atol=1e-5)
 
 
@@ -339,19 +343,19 @@ def test_multilevel_layer_mixes_levels_by_learned_weights():
     with torch.no_grad():  # all weight on level 1: the layer sees only the last 2 tokens
         layer.lvl_attn.weight.zero_()
         layer.lvl_attn.bias.copy_(torch.tensor([-50.0, 50.0]))
-    out = layer(tgt, memory, mask, pos, query_pos, query_sine, [(2, 3), (1, 2)])
+    out = layer(tgt, as_memory(memory, [(2, 3), (1, 2)]), mask, pos, query_pos, query_sine)
     only_level1 = twin(tgt, memory[:, 6:], mask[:, 6:], pos[:, 6:], query_pos, query_sine)
     assert torch.allclose(out, only_level1, atol=1e-5)
     with torch.no_grad():  # equal weights: differs from either level alone
         layer.lvl_attn.bias.zero_()
-    assert not torch.allclose(layer(tgt, memory, mask, pos, query_pos, query_sine, [(2, 3), (1, 2)]), only_level1,
-                              atol=1e-3)
+    assert not torch.allclose(layer(tgt, as_memory(memory, [(2, 3), (1, 2)]), mask, pos, query_pos, query_sine),
+                              only_level1, atol=1e-3)
 
 
 def test_multilevel_layer_survives_an_all_padding_level():
     layer = MultiLevelDecoderLayer(32, 4, 64, 0.0, "relu", first=True, n_levels=2).eval()
     mask = torch.zeros(1, 8, dtype=torch.bool)
     mask[0, 6:] = True  # level 1 is all padding for this image
-    out = layer(torch.randn(1, 3, 32), torch.randn(1, 8, 32), mask, torch.randn(1, 8, 32), torch.randn(1, 3, 32),
-                torch.randn(1, 3, 32), [(2, 3), (1, 2)])
+    out = layer(torch.randn(1, 3, 32), as_memory(torch.randn(1, 8, 32), [(2, 3), (1, 2)]), mask,
+                torch.randn(1, 8, 32), torch.randn(1, 3, 32), torch.randn(1, 3, 32))
     assert torch.isfinite(out).all()

@@ -6,11 +6,12 @@ from .base import DetrBase
 from .conditional import ConditionalDETR
 from .dab import DABDETR
 from .dab_deformable import DABDeformableDETR
+from .dab_deformable_enc import DABDeformableEncOnly
 from .deformable import DeformableDETR
 from .detr import DETR
 
 MODELS = {"detr": DETR, "conditional": ConditionalDETR, "dab": DABDETR, "deformable": DeformableDETR,
-          "dab_deformable": DABDeformableDETR}
+          "dab_deformable": DABDeformableDETR, "dab_deformable_enc": DABDeformableEncOnly}
 
 
 def build_model(cfg: Config, num_classes: int, train_backbone: bool = True) -> DetrBase:

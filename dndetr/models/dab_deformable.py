@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from .deformable_base import DeformableBase
+from .deformable_base import DeformableBase, random_anchor_centres
 from .deformable_transformer import DeformableDecoderLayer, decoder_stack, reset_deformable_attention
 from .position_encoding import box_sine_embedding
 from .transformer import inverse_sigmoid, mlp
@@ -42,9 +42,7 @@ class DABDeformableDETR(DeformableBase):
         self.tgt_embed = nn.Embedding(cfg.num_queries, d - 1 if self.dn is not None else d)
         self.refpoint_embed = nn.Embedding(cfg.num_queries, 4)
         if cfg.random_refpoints_xy:
-            with torch.no_grad():
-                self.refpoint_embed.weight[:, :2].uniform_(0, 1)
-                self.refpoint_embed.weight[:, :2] = inverse_sigmoid(self.refpoint_embed.weight[:, :2])
+            random_anchor_centres(self.refpoint_embed)
         self.build_heads(cfg.dec_layers, shared=False)
 
     def matching_queries(self, memory, proposals):

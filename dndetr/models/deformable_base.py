@@ -28,7 +28,7 @@ from ..dn import Denoising
 from .backbone import Backbone
 from .deformable_transformer import (DeformableEncoder, DeformableEncoderLayer, MultiScaleMemory, flatten_levels,
                                      input_projection, level_references, project_levels, refine)
-from .transformer import mlp, mlp_last_linear
+from .transformer import inverse_sigmoid, mlp, mlp_last_linear
 
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # focal-loss prior: every class starts at probability 0.01
 LINEAR_PROJ_LR_MULT = 0.1
@@ -51,6 +51,13 @@ def zero_box_head(d: int):
     nn.init.zeros_(mlp_last_linear(head).weight)
     nn.init.zeros_(mlp_last_linear(head).bias)
     return head
+
+
+def random_anchor_centres(refpoint_embed: nn.Embedding) -> None:
+    """DAB's random_refpoints_xy: anchor centres start uniform over the image (in logit space), still trainable."""
+    with torch.no_grad():
+        refpoint_embed.weight[:, :2].uniform_(0, 1)
+        refpoint_embed.weight[:, :2] = inverse_sigmoid(refpoint_embed.weight[:, :2])
 
 
 class DeformableBase(nn.Module, ABC):

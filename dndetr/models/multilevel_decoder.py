@@ -38,8 +38,11 @@ class MultiLevelDecoderLayer(ConditionalDecoderLayer):
         nn.init.zeros_(self.ca_out_v_proj.bias)
         self.lvl_attn = nn.Linear(d_model, n_levels)
 
-    def forward(self, tgt, memory, padding_mask, pos, query_pos, query_sine, shapes, self_attn_mask=None):
-        """memory, pos [B,S,d] (pos includes the level embedding); shapes: (H, W) per level."""
+    def forward(self, tgt, memory, padding_mask, pos, query_pos, query_sine, self_attn_mask=None):
+        """The conditional layer's signature, with ``memory`` a MultiScaleMemory (its tokens ``src`` and level
+        ``shapes`` are used); padding_mask and pos [B,S,d] (with the level embedding) are memory.mask/memory.pos."""
+        shapes = memory.shapes
+        memory = memory.src
         tgt, q_sa = self.self_attention(tgt, query_pos, self_attn_mask)
         level_weights = self.lvl_attn(q_sa).softmax(-1)  # [B, Q, L]
 
