@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from dndetr.config import BackboneConfig, ConfigError, DNConfig, MatcherConfig, ModelConfig
-from dndetr.criterion import SetCriterion
-from dndetr.matcher import HungarianMatcher
-from dndetr.models import MODELS
+from dndetr.config import BackboneConfig, ConfigError, LossConfig, config_class
+from dndetr.criterion import build_criterion
+from dndetr.models import MODELS, build_model
 from dndetr.models.deformable_attention import MSDeformAttn, radial_offset_bias
 from dndetr.official import export_official, load_into
+from dndetr.plugins.dn import DNConfig
 from helpers import REPO_ROOT, read_metrics, run_train, tiny
 from test_official import random_official_state, read_key_list
 
 NAMES = ("deformable", "dab_deformable", "dab_deformable_enc")
-DD = dict(name="deformable", dim_feedforward=1024, num_queries=300, class_loss="focal")
-DAB = dict(dim_feedforward=2048, dropout=0.0, num_queries=300, class_loss="focal", loss_class=1.0)
+DD = dict(name="deformable", dim_feedforward=1024, num_queries=300)
+DAB = dict(dim_feedforward=2048, dropout=0.0, num_queries=300)
 # key list -> (ModelConfig, DN groups, (total, trainable) parameters in millions as the spec built them)
 LAYOUTS = {
     "deformable-r50.txt": (DD, 0, (40.07, 39.85)),
@@ -35,11 +35,19 @@ LAYOUTS = {
 }
 
 
+def config(model: dict, dn_groups: int = 0):
+    schema = MODELS[model["name"]].schema
+    return config_class()(model=schema(**model), loss=LossConfig(class_loss="focal"), dn=DNConfig(groups=dn_groups))
+
+
+def tiny_config(name, dn_groups=0, **overrides):
+    return config({**dict(name=name, backbone=BackboneConfig(name="resnet18"), hidden_dim=32, nheads=4, enc_layers=1,
+                          dec_layers=3, dim_feedforward=64, num_queries=6, dropout=0.0, enc_n_points=2,
+                          dec_n_points=2), **overrides}, dn_groups)
+
+
 def tiny_model(name, dn_groups=0, **overrides):
-    cfg = ModelConfig(**{**dict(name=name, backbone=BackboneConfig(name="resnet18"), hidden_dim=32, nheads=4,
-                                enc_layers=1, dec_layers=3, dim_feedforward=64, num_queries=6, dropout=0.0,
-                                class_loss="focal", enc_n_points=2, dec_n_points=2), **overrides})
-    return MODELS[name](cfg, 5, DNConfig(groups=dn_groups))
+    return build_model(tiny_config(name, dn_groups, **overrides), 5)
 
 
 def batch():
@@ -76,7 +84,7 @@ def test_official_layout_loads_runs_and_round_trips(keys, tmp_path):
     torch.set_num_threads(1)
     overrides, groups, published = LAYOUTS[keys]
     shapes = read_key_list(keys)
-    model = MODELS[overrides["name"]](ModelConfig(**overrides), 91, DNConfig(groups=groups))
+    model = build_model(config(overrides, groups), 91)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert (total, trainable) == unique_params(shapes, shared_heads=(keys == "deformable-r50.txt"))
@@ -101,7 +109,7 @@ def test_official_layout_loads_runs_and_round_trips(keys, tmp_path):
 
 
 def test_dab_deformable_without_dn_has_the_published_size():
-    model = MODELS["dab_deformable"](ModelConfig(**dict(DAB, name="dab_deformable")), 91)
+    model = build_model(config(dict(DAB, name="dab_deformable")), 91)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 47.41
 
 
@@ -111,7 +119,7 @@ def attention_modules(module):
 
 @pytest.mark.parametrize("name", ["deformable", "dab_deformable"])
 def test_fully_deformable_init_restores_attention_init_after_xavier(name):
-    model = tiny_model(name, box_refine=True)  # dab_deformable always refines
+    model = tiny_model(name, **({"box_refine": True} if name == "deformable" else {}))  # DAB always refines
     for attn in attention_modules(model.encoder) + attention_modules(model.decoder):
         assert not attn.sampling_offsets.weight.any() and not attn.attention_weights.weight.any()
         assert torch.equal(attn.sampling_offsets.bias.detach(), radial_offset_bias(4, 4, 2))
@@ -164,10 +172,16 @@ def test_dn_groups_zero_is_exactly_off(name):
     torch.manual_seed(0)
     off = tiny_model(name, dn_groups=0).train()
     torch.manual_seed(0)
-    plain = MODELS[name](off.cfg, 5, None).train()
-    assert off.dn is None and off.state_dict().keys() == plain.state_dict().keys()
-    a, b = off(images, masks, targets), plain(images, masks, targets)
-    assert "dn" not in a and torch.equal(a["pred_boxes"], b["pred_boxes"])
+    on = tiny_model(name, dn_groups=3).train()
+    assert not off.plugins and "dn" in on.plugins
+    # Off = no DN parameter, no RNG draw: everything the two share starts equal.
+    before = off.state_dict()
+    shared = {k: v for k, v in on.state_dict().items() if k in before and v.shape == before[k].shape}
+    assert all(torch.equal(v, before[k]) for k, v in shared.items())
+    # DN-DAB-Deformable-DETR's content is one channel narrower (DN's indicator bit is appended).
+    assert set(before) - set(shared) == ({"tgt_embed.weight"} if name == "dab_deformable" else set())
+    assert "plugins.dn.label_enc.weight" in set(on.state_dict()) - set(before)
+    assert "query_blocks" not in off(images, masks, targets)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -177,12 +191,11 @@ def test_dn_plugs_in_and_matching_queries_never_see_it(name):
     model = tiny_model(name, dn_groups=2).train()
     with_dn = model(images, masks, targets)
     without = model(images, masks)  # the same matching queries, no DN part
-    assert with_dn["dn"]["pred_boxes"].shape[2] == 2 * 2  # groups x the largest object count
+    assert with_dn["query_blocks"][0].boxes.shape[2] == 2 * 2  # groups x the largest object count
     # The attention mask keeps DN queries out of the matching queries' self-attention.
     assert torch.allclose(with_dn["pred_boxes"], without["pred_boxes"], atol=1e-5)
     assert torch.allclose(with_dn["pred_logits"], without["pred_logits"], atol=1e-4)
-    criterion = SetCriterion(HungarianMatcher(MatcherConfig(class_cost="focal")), 5, model.cfg)
-    losses = criterion(with_dn, targets)
+    losses = build_criterion(tiny_config(name, 2), 5)(with_dn, targets)
     assert {"dn_loss_ce", "dn_loss_bbox_0", "loss_giou_1"} <= set(losses)
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -194,15 +207,12 @@ def test_two_stage_proposals_and_their_class_agnostic_loss():
     out = model(images, masks, targets)
     tokens = 8 * 8 + 4 * 4 + 2 * 2 + 1
     assert out["enc_outputs"]["pred_logits"].shape == (2, tokens, 5)
-    criterion = SetCriterion(HungarianMatcher(MatcherConfig(class_cost="focal")), 5, model.cfg)
-    losses = criterion(out, targets)
+    losses = build_criterion(tiny_config("deformable"), 5)(out, targets)
     assert {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"} <= set(losses)
     with pytest.raises(ConfigError, match="model.num_queries=100 is invalid for these images: .* the 85 encoder"):
         tiny_model("deformable", box_refine=True, two_stage=True, num_queries=100)(images, masks)
     with pytest.raises(ConfigError, match="model.two_stage=true is invalid without model.box_refine=true"):
         tiny_model("deformable", two_stage=True)
-    with pytest.raises(ConfigError, match="model.two_stage=True is invalid for dab_deformable"):
-        tiny_model("dab_deformable", two_stage=True)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -7,28 +7,33 @@ DN/DAB conventions (not Deformable DETR's): inverse_sigmoid eps 1e-3, two learni
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ..config import ConfigError
-from .deformable_base import DeformableBase, random_anchor_centres
+from .deformable_base import DeformableBase, MultiScaleConfig, random_anchor_centres
 from .deformable_transformer import DeformableDecoderLayer, decoder_stack, reset_deformable_attention
 from .position_encoding import box_sine_embedding
+from .registry import register_model
 from .transformer import inverse_sigmoid, mlp
 
 
+@dataclass
+class DABDeformableConfig(MultiScaleConfig):
+    random_refpoints_xy: bool = False  # anchor centres start uniform in the image (and stay trainable)
+
+
+@register_model("dab_deformable", DABDeformableConfig)
 class DABDeformableDETR(DeformableBase):
     inverse_sigmoid_eps = 1e-3
-    official_aliases = ("bbox_embed.",)  # the official decoder holds the refinement box heads too
-    # With DN the matching content is tgt_embed alone (DN-DAB-DETR's is the "unknown" label embedding).
-    adds_unknown_label = False
+    official_aliases = {"transformer.decoder.bbox_embed.": "bbox_embed."}  # the refinement box heads, twice
+    # With denoising, the matching content stays tgt_embed alone (the official DN-DAB-Deformable-DETR; DN-DAB-DETR
+    # adds the "unknown" label embedding instead).
+    plugin_content = False
 
-    def __init__(self, cfg, num_classes, dn_cfg=None, train_backbone=True):
-        for key in ("two_stage", "num_patterns"):
-            if getattr(cfg, key):
-                raise ConfigError(f"model.{key}={getattr(cfg, key)!r} is invalid for dab_deformable: not supported "
-                                  "(the DN-DETR code fails on it; use model=deformable for two-stage)")
-        super().__init__(cfg, num_classes, dn_cfg, train_backbone)
+    def __init__(self, cfg, num_classes, **options):
+        super().__init__(cfg, num_classes, **options)
         d = cfg.hidden_dim
         layer = DeformableDecoderLayer(d, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.activation,
                                        cfg.num_feature_levels, cfg.dec_n_points)
@@ -38,21 +43,22 @@ class DABDeformableDETR(DeformableBase):
         self.decoder.ref_point_head = mlp(2 * d, d, d, 2)
         reset_deformable_attention(self.encoder, self.decoder)
         self.reset_level_embed()
-        # With denoising, the last content channel is DN's indicator bit (0 for matching queries).
-        self.tgt_embed = nn.Embedding(cfg.num_queries, d - 1 if self.dn is not None else d)
         self.refpoint_embed = nn.Embedding(cfg.num_queries, 4)
         if cfg.random_refpoints_xy:
             random_anchor_centres(self.refpoint_embed)
         self.build_heads(cfg.dec_layers, shared=False)
+        # With box-query plug-ins (denoising), the last content channel is DN's indicator bit (0 for matching).
+        # Drawn last, so that turning DN on changes no other initial value.
+        self.tgt_embed = nn.Embedding(cfg.num_queries, d - 1 if self.box_queries else d)
 
     def matching_queries(self, memory, proposals):
         batch_size, content = memory.src.shape[0], self.tgt_embed.weight
-        if self.dn is not None:
+        if self.box_queries:
             content = torch.cat((content, content.new_zeros(content.shape[0], 1)), dim=-1)
         anchors = self.refpoint_embed.weight
         return content[None].expand(batch_size, -1, -1), {"anchor": anchors[None].expand(batch_size, -1, -1)}
 
-    def dn_position(self, boxes):
+    def box_query_position(self, boxes):
         return {"anchor": inverse_sigmoid(boxes, self.inverse_sigmoid_eps)}
 
     def initial_reference(self, position):

@@ -9,21 +9,36 @@ box encoding are therefore DAB-DETR's own methods (dndetr/models/dab.py), called
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
+from ..config import check
 from .dab import DABDETR
-from .deformable_base import PRIOR_BIAS, DeformableBase, random_anchor_centres
+from .deformable_base import PRIOR_BIAS, DeformableBase, MultiScaleConfig, random_anchor_centres
 from .multilevel_decoder import MultiLevelDecoderLayer
+from .registry import register_model
 from .transformer import DecoderStack, mlp, xavier_init
 
 
+@dataclass
+class DABDeformableEncConfig(MultiScaleConfig):
+    num_patterns: int = 0  # pattern embeddings: num_patterns * num_queries queries (the README uses 3)
+    random_refpoints_xy: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.num_patterns >= 0, "model.num_patterns", self.num_patterns, "must be >= 0")
+
+
+@register_model("dab_deformable_enc", DABDeformableEncConfig)
 class DABDeformableEncOnly(DeformableBase):
     pe_offset = 0.0  # its sine PE (PositionEmbeddingSineHW, temperature 20) has no half-pixel offset
     inverse_sigmoid_eps = 1e-3
-    official_aliases = ("bbox_embed.",)  # transformer.decoder.bbox_embed is the shared box head
+    official_aliases = {"transformer.decoder.bbox_embed.": "bbox_embed."}  # the shared box head, twice
 
-    def __init__(self, cfg, num_classes, dn_cfg=None, train_backbone=True):
-        super().__init__(cfg, num_classes, dn_cfg, train_backbone)
+    def __init__(self, cfg, num_classes, **options):
+        super().__init__(cfg, num_classes, **options)
         d = cfg.hidden_dim
         layers = [MultiLevelDecoderLayer(d, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.activation,
                                          first=(i == 0), n_levels=cfg.num_feature_levels)
@@ -49,8 +64,8 @@ class DABDeformableEncOnly(DeformableBase):
     def matching_queries(self, memory, proposals):
         return DABDETR.matching_queries(self, memory.src.shape[0])
 
-    def dn_position(self, boxes):
-        return DABDETR.dn_position(self, boxes)
+    def box_query_position(self, boxes):
+        return DABDETR.box_query_position(self, boxes)
 
     def decode(self, content, position, memory, self_attn_mask):
         # DAB-DETR's loop; the layers take the whole multi-scale memory in place of a single-scale one.

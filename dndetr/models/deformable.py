@@ -9,25 +9,37 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from ..config import ConfigError
-from .deformable_base import DeformableBase
+from .deformable_base import DeformableBase, MultiScaleConfig
 from .deformable_transformer import (DeformableDecoderLayer, decoder_stack, encoder_proposals,
                                      reset_deformable_attention, topk_proposals)
 from .position_encoding import box_sine_embedding
-from .transformer import mlp
+from .registry import register_model
 
 
+@dataclass
+class DeformableConfig(MultiScaleConfig):
+    box_refine: bool = False  # iterative box refinement: one head per layer, references updated layer by layer
+    two_stage: bool = False  # encoder proposals become the queries (needs box_refine, as the official code)
+
+
+@register_model("deformable", DeformableConfig)
 class DeformableDETR(DeformableBase):
     # Official main.py: parameters whose name contains these train at lr x 0.1 (substring match, as there).
     linear_proj_names = ("reference_points", "sampling_offsets")
+    # The refinement heads are stored a second time under the decoder (box heads; two-stage: class heads too).
+    official_aliases = {"transformer.decoder.bbox_embed.": "bbox_embed.",
+                        "transformer.decoder.class_embed.": "class_embed."}
 
-    def __init__(self, cfg, num_classes, dn_cfg=None, train_backbone=True):
+    def __init__(self, cfg, num_classes, **options):
         if cfg.two_stage and not cfg.box_refine:
             raise ConfigError("model.two_stage=true is invalid without model.box_refine=true (the official "
                               "two-stage model refines boxes layer by layer)")
-        super().__init__(cfg, num_classes, dn_cfg, train_backbone)
+        super().__init__(cfg, num_classes, **options)
         d, num_layers = cfg.hidden_dim, cfg.dec_layers
         layer = DeformableDecoderLayer(d, cfg.nheads, cfg.dim_feedforward, cfg.dropout, cfg.activation,
                                        cfg.num_feature_levels, cfg.dec_n_points)
@@ -47,16 +59,15 @@ class DeformableDETR(DeformableBase):
         # Two-stage: no size bias at all (the proposals already carry sizes).
         self.build_heads(num_layers, shared=not cfg.box_refine, extra=int(cfg.two_stage),
                          first_size_bias=0.0 if cfg.two_stage else -2.0)
-        # Denoising: a noised box enters as a learned projection of its sine embedding, its centre (two-stage:
-        # its box) as the reference.
-        self.dn_pos_head = mlp(2 * d, d, d, 2) if self.dn is not None else None
+        # A box query (denoising) enters as a learned projection of its sine embedding, its centre (two-stage:
+        # the box) as the reference.
+        self.box_query_proj = self.box_query_head()
 
-    @property
-    def official_aliases(self) -> tuple:
-        """Heads the official decoder holds under a second name (transformer.decoder.*): the refinement heads."""
-        if not self.cfg.box_refine:
-            return ()
-        return ("bbox_embed.", "class_embed.") if self.cfg.two_stage else ("bbox_embed.",)
+    def official_export_aliases(self) -> dict:
+        """The aliases this configuration's official model has: none (plain), box heads, or both (two-stage)."""
+        kept = ("bbox_embed.", "class_embed.") if self.cfg.two_stage else ("bbox_embed.",) if self.cfg.box_refine \
+            else ()
+        return {alias: ours for alias, ours in self.official_aliases.items() if ours in kept}
 
     # -- queries ------------------------------------------------------------------------------------------------
     def propose(self, memory):
@@ -80,9 +91,9 @@ class DeformableDETR(DeformableBase):
         query_pos, content = self.query_embed.weight[None].expand(batch_size, -1, -1).split(d, dim=-1)
         return content, {"pos": query_pos, "ref": self.reference_points(query_pos).sigmoid()}
 
-    def dn_position(self, boxes):
+    def box_query_position(self, boxes):
         reference = boxes if self.cfg.two_stage else boxes[..., :2]
-        return {"pos": self.dn_pos_head(box_sine_embedding(boxes, self.hidden_dim // 2)), "ref": reference}
+        return {"pos": self.box_query_proj(box_sine_embedding(boxes, self.hidden_dim // 2)), "ref": reference}
 
     # -- decoder ----------------------------------------------------------------------------------------------
     @property

@@ -2,11 +2,12 @@
 stride-64 level), input projections, level embeddings, the deformable encoder and the forward pass.
 
 Each model implements the same query interface as the single-scale models (dndetr/models/base.py), with the
-multi-scale memory (:class:`MultiScaleMemory`, encoded) in place of (memory, padding_mask, pos):
+multi-scale memory (:class:`MultiScaleMemory`, encoded) in place of (memory, padding_mask, pos), so the query
+plug-ins (dndetr/plugins/, e.g. denoising) work unchanged:
 
 - ``propose(memory) -> dict or None``: two-stage encoder proposals (``enc_outputs`` and the top-k boxes)
 - ``matching_queries(memory, proposals) -> (content [B,N,d], position)``
-- ``dn_position(boxes [B,P,4]) -> position``
+- ``box_query_position(boxes [B,P,4]) -> position``
 - ``decode(content, position, memory, self_attn_mask) -> (hs [L,B,N,d], references)``
 - ``predict(hs, references) -> (logits [L,B,N,K], boxes [L,B,N,4])``
 
@@ -18,20 +19,35 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..config import DNConfig, ModelConfig
-from ..dn import Denoising
+from ..config import ConfigError, ModelConfig, check
+from ..plugins.base import assemble, split_outputs
 from .backbone import Backbone
+from .base import DetrBase
 from .deformable_transformer import (DeformableEncoder, DeformableEncoderLayer, MultiScaleMemory, flatten_levels,
                                      input_projection, level_references, project_levels, refine)
 from .transformer import inverse_sigmoid, mlp, mlp_last_linear
 
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # focal-loss prior: every class starts at probability 0.01
 LINEAR_PROJ_LR_MULT = 0.1
+
+
+@dataclass
+class MultiScaleConfig(ModelConfig):
+    """What the deformable models add to every model's settings."""
+    num_feature_levels: int = 4  # C3-C5 + extra stride-2 convolutions on C5
+    enc_n_points: int = 4  # deformable sampling points per head and level (encoder)
+    dec_n_points: int = 4  # (decoder; unused by the encoder-only variant)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("num_feature_levels", "enc_n_points", "dec_n_points"):
+            check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
 
 
 def backbone_layers(num_levels: int) -> List[str]:
@@ -61,24 +77,34 @@ def random_anchor_centres(refpoint_embed: nn.Embedding) -> None:
 
 
 class DeformableBase(nn.Module, ABC):
+    registry_name = ""  # set by @register_model
+    official_mlps: Tuple[str, ...] = ("bbox_embed", "query_scale", "ref_point_head", "ref_anchor_head")
+    official_aliases: Dict[str, str] = {}
+    # GroupNorm over each level and the stride-2 extra level see padded positions too (as in the official models):
+    # features at padded positions influence the outputs a little (tests/test_models.py).
+    padding_invariant = False
     pe_offset = -0.5  # Deformable DETR's sine PE measures pixel centres; the encoder-only DN variant does not
     linear_proj_names: tuple = ()
     inverse_sigmoid_eps = 1e-5  # Deformable DETR; the DN/DAB repositories use 1e-3
     refines = True  # the box references are updated layer by layer (Deformable DETR: model.box_refine)
-    adds_unknown_label = True  # with DN, matching queries add the label embedding of "unknown" to their content
+    # Whether plug-ins may change the matching queries' content (DN-DETR adds the "unknown" label embedding).
+    plugin_content = True
 
-    def __init__(self, cfg: ModelConfig, num_classes: int, dn_cfg: Optional[DNConfig] = None,
-                 train_backbone: bool = True, d_ffn_encoder: Optional[int] = None):
+    def __init__(self, cfg: MultiScaleConfig, num_classes: int, no_object_class: bool = False,
+                 box_queries: bool = False, train_backbone: bool = True):
         super().__init__()
+        if no_object_class:
+            raise ConfigError(f"loss.class_loss='ce' is invalid for model {cfg.name!r}: the deformable models are "
+                              "trained with the sigmoid focal loss (loss.class_loss=focal)")
         d, levels = cfg.hidden_dim, cfg.num_feature_levels
-        self.cfg, self.num_classes, self.hidden_dim = cfg, num_classes, d
+        self.cfg, self.num_classes, self.hidden_dim, self.box_queries = cfg, num_classes, d, box_queries
+        self.plugins = nn.ModuleDict()  # training-time query plug-ins, set by build_model
         self.backbone = Backbone(cfg.backbone, train_backbone, layers=backbone_layers(levels))
         self.input_proj = input_projection(self.backbone.channels, d, levels)
-        layer = DeformableEncoderLayer(d, d_ffn_encoder or cfg.dim_feedforward, cfg.dropout, cfg.activation,
-                                       levels, cfg.nheads, cfg.enc_n_points)
+        layer = DeformableEncoderLayer(d, cfg.dim_feedforward, cfg.dropout, cfg.activation, levels, cfg.nheads,
+                                       cfg.enc_n_points)
         self.encoder = DeformableEncoder(layer, cfg.enc_layers)
         self.level_embed = nn.Parameter(torch.empty(levels, d))
-        self.dn = Denoising(dn_cfg, num_classes, d) if dn_cfg is not None and dn_cfg.groups > 0 else None
 
     def reset_level_embed(self) -> None:
         nn.init.normal_(self.level_embed)
@@ -93,8 +119,11 @@ class DeformableBase(nn.Module, ABC):
         """The learned (or, two-stage, encoder-proposed) matching queries: content [B,N,d] and position."""
 
     @abstractmethod
-    def dn_position(self, boxes: torch.Tensor):
-        """Positional query of (noised) ground-truth boxes [B,P,4]."""
+    def box_query_position(self, boxes: torch.Tensor):
+        """Positional query of (noised) boxes [B,P,4] (sigmoid cxcywh)."""
+
+    def box_query_head(self) -> Optional[nn.Module]:
+        return DetrBase.box_query_head(self)  # built only when a plug-in needs box queries
 
     def initial_reference(self, position) -> torch.Tensor:
         """The first layer's references [B,N,2|4] in [0,1] of the image."""
@@ -151,20 +180,24 @@ class DeformableBase(nn.Module, ABC):
         memory = self.encode(images, masks)
         proposals = self.propose(memory)
         content, position = self.matching_queries(memory, proposals)
-        self_attn_mask, dn_meta = None, None
-        if self.dn is not None:
-            unknown = self.dn.matching_content()
-            # Zero-weighted, it still keeps the label embedding in the graph (the official code adds
-            # label_enc.weight[0][0] * 0 for the same reason: every parameter gets a gradient under DDP).
-            content = content + (unknown if self.adds_unknown_label else 0.0 * unknown)
-            if self.training and targets is not None:
-                content, position, self_attn_mask, dn_meta = self.dn.prepare(targets, content, position,
-                                                                              self.dn_position)
+        for plugin in self.plugins.values():
+            adjusted, position = plugin.adjust_matching(content, position)
+            # Ignored changes stay in the graph at weight 0 (every parameter gets a gradient, as DDP wants; the
+            # official DN-DAB-Deformable-DETR adds label_enc.weight[0][0] * 0 for the same reason).
+            content = adjusted if self.plugin_content else content + 0.0 * (adjusted - content)
+        blocks = []
+        if self.training and targets is not None:
+            blocks = [block for plugin in self.plugins.values()
+                      if (block := plugin.build(targets, content, self)) is not None]
+        self_attn_mask = None
+        if blocks:
+            content, position, self_attn_mask, matching = assemble(blocks, content, position)
         hs, references = self.decode(content, position, memory, self_attn_mask)
         logits, boxes = self.predict(hs, references)
         outputs = {}
-        if dn_meta is not None:
-            (logits, boxes), outputs["dn"] = self.dn.split(logits, boxes, dn_meta)
+        if blocks:
+            logits, boxes = split_outputs(blocks, matching, logits, boxes)
+            outputs["query_blocks"] = blocks
         outputs["pred_logits"], outputs["pred_boxes"] = logits[-1], boxes[-1]
         if self.cfg.aux_loss:
             outputs["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
