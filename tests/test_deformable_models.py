@@ -237,9 +237,7 @@ def test_padding_does_not_change_the_image_s_detections_much(name):
 def test_dn_sweep_and_instability_recording_on_every_deformable_model(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "train.py", "-m", *tiny(tmp_path, f"model={','.join(NAMES)}", "dn.groups=0,2",
-                                                    "trainer.epochs=1", "model.num_patterns=0",
-                                                    "model.enc_n_points=2", "model.dec_n_points=2"),
-           f"hydra.sweep.dir={sweep}"]
+                                                    "trainer.epochs=2"), f"hydra.sweep.dir={sweep}"]
     subprocess.run(cmd, cwd=REPO_ROOT, check=True, capture_output=True, text=True, timeout=1200)
     jobs = sorted(p for p in sweep.iterdir() if p.name.isdigit())
     assert len(jobs) == 6
@@ -248,8 +246,9 @@ def test_dn_sweep_and_instability_recording_on_every_deformable_model(tmp_path):
         dn_on = int((job / ".hydra" / "overrides.yaml").read_text().count("dn.groups=2"))
         assert ("dn_loss_bbox" in row) == bool(dn_on), job
         assert np.isfinite(row["loss_bbox"]) and "IS" in row and "AP50" in row, job
-        matchings = np.load(job / "matchings" / "epoch_0000.npz")
-        assert matchings["assign"].shape[1:] == (8, 10), job  # 8 validation images x 10 queries
+        matchings = np.load(job / "matchings" / "epoch_0001.npz")
+        queries = 30 if "dab_deformable_enc" in (job / ".hydra" / "overrides.yaml").read_text() else 10
+        assert matchings["assign"].shape[1:] == (8, queries), job  # 8 validation images; 3 patterns: 30
 
 
 @pytest.mark.slow
@@ -260,5 +259,5 @@ def test_tiny_deformable_model_overfits_a_few_images(tmp_path, name):
                         "data.batch_size=4", "data.synthetic.min_objects=1", "trainer.epochs=300",
                         "trainer.eval_every=100", "instability.enabled=false", "optim.lr=1e-3",
                         "optim.lr_backbone=1e-3", "model.hidden_dim=64", "model.dim_feedforward=128",
-                        "model.num_patterns=0", "optim.lr_drop=250"))
+                        "optim.lr_drop=250"))
     assert read_metrics(run)[-1]["AP50"] >= 0.9

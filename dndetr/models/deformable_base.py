@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, check
-from ..plugins.base import assemble, split_outputs
+from ..plugins.base import outputs_of_plugins, with_plugin_queries
 from .backbone import Backbone
 from .base import DetrBase
 from .deformable_transformer import (DeformableEncoder, DeformableEncoderLayer, MultiScaleMemory, flatten_levels,
@@ -185,19 +185,10 @@ class DeformableBase(nn.Module, ABC):
             # Ignored changes stay in the graph at weight 0 (every parameter gets a gradient, as DDP wants; the
             # official DN-DAB-Deformable-DETR adds label_enc.weight[0][0] * 0 for the same reason).
             content = adjusted if self.plugin_content else content + 0.0 * (adjusted - content)
-        blocks = []
-        if self.training and targets is not None:
-            blocks = [block for plugin in self.plugins.values()
-                      if (block := plugin.build(targets, content, self)) is not None]
-        self_attn_mask = None
-        if blocks:
-            content, position, self_attn_mask, matching = assemble(blocks, content, position)
+        content, position, self_attn_mask, blocks = with_plugin_queries(self, content, position, targets)
         hs, references = self.decode(content, position, memory, self_attn_mask)
-        logits, boxes = self.predict(hs, references)
         outputs = {}
-        if blocks:
-            logits, boxes = split_outputs(blocks, matching, logits, boxes)
-            outputs["query_blocks"] = blocks
+        logits, boxes = outputs_of_plugins(blocks, *self.predict(hs, references), outputs)
         outputs["pred_logits"], outputs["pred_boxes"] = logits[-1], boxes[-1]
         if self.cfg.aux_loss:
             outputs["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from .transformer import ConditionalDecoderLayer, concat_per_head
+from .transformer import ConditionalDecoderLayer
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, padding_mask: torch.Tensor, nheads: int):
@@ -45,14 +45,7 @@ class MultiLevelDecoderLayer(ConditionalDecoderLayer):
         memory = memory.src
         tgt, q_sa = self.self_attention(tgt, query_pos, self_attn_mask)
         level_weights = self.lvl_attn(q_sa).softmax(-1)  # [B, Q, L]
-
-        q_content, k_content = self.ca_qcontent_proj(tgt), self.ca_kcontent_proj(memory)
-        k_pos = self.ca_kpos_proj(pos)
-        if self.ca_qpos_proj is not None:
-            q_content = q_content + self.ca_qpos_proj(query_pos)
-            k_content = k_content + k_pos
-        q = concat_per_head(q_content, self.ca_qpos_sine_proj(query_sine), self.nheads)
-        k = concat_per_head(k_content, k_pos, self.nheads)
+        q, k = self.cross_queries_keys(tgt, memory, pos, query_pos, query_sine)
         v = self.ca_v_proj(memory)
         sizes = [h * w for h, w in shapes]
         mixed = 0

@@ -157,15 +157,19 @@ class ConditionalDecoderLayer(nn.Module):
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, self.sa_v_proj(tgt), attn_mask=self_attn_mask)))
         return tgt, q
 
-    def forward(self, tgt, memory, padding_mask, pos, query_pos, query_sine, self_attn_mask=None):
-        tgt, _ = self.self_attention(tgt, query_pos, self_attn_mask)
+    def cross_queries_keys(self, tgt, memory, pos, query_pos, query_sine):
+        """Cross-attention q [B,N,2d] and k [B,S,2d]: content and spatial parts concatenated per head."""
         q_content, k_content = self.ca_qcontent_proj(tgt), self.ca_kcontent_proj(memory)
         k_pos = self.ca_kpos_proj(pos)
         if self.ca_qpos_proj is not None:
             q_content = q_content + self.ca_qpos_proj(query_pos)
             k_content = k_content + k_pos
-        q = concat_per_head(q_content, self.ca_qpos_sine_proj(query_sine), self.nheads)
-        k = concat_per_head(k_content, k_pos, self.nheads)
+        return (concat_per_head(q_content, self.ca_qpos_sine_proj(query_sine), self.nheads),
+                concat_per_head(k_content, k_pos, self.nheads))
+
+    def forward(self, tgt, memory, padding_mask, pos, query_pos, query_sine, self_attn_mask=None):
+        tgt, _ = self.self_attention(tgt, query_pos, self_attn_mask)
+        q, k = self.cross_queries_keys(tgt, memory, pos, query_pos, query_sine)
         attended = self.cross_attn(q, k, self.ca_v_proj(memory), padding_mask=padding_mask)
         tgt = self.norm2(tgt + self.dropout2(attended))
         return self.norm3(tgt + self.ffn(tgt))
