@@ -1,5 +1,6 @@
 """The deformable models: official layouts and parameter counts, published initialisation and learning-rate groups,
-denoising as a plug-in, two-stage proposals, and runs through train.py (DN sweep, instability, overfitting)."""
+denoising as a plug-in, two-stage proposals, and a DN sweep through train.py with instability recording. (Their
+overfit test is tests/test_engine.py's, which covers every registered model.)"""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ from dndetr.models import MODELS, build_model
 from dndetr.models.deformable_attention import MSDeformAttn, radial_offset_bias
 from dndetr.official import export_official, load_into
 from dndetr.plugins.dn import DNConfig
-from helpers import REPO_ROOT, read_metrics, run_train, tiny
+from helpers import REPO_ROOT, read_metrics, tiny
 from test_official import random_official_state, read_key_list
 
 NAMES = ("deformable", "dab_deformable", "dab_deformable_enc")
@@ -249,15 +250,3 @@ def test_dn_sweep_and_instability_recording_on_every_deformable_model(tmp_path):
         matchings = np.load(job / "matchings" / "epoch_0001.npz")
         queries = 30 if "dab_deformable_enc" in (job / ".hydra" / "overrides.yaml").read_text() else 10
         assert matchings["assign"].shape[1:] == (8, queries), job  # 8 validation images; 3 patterns: 30
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", NAMES)
-def test_tiny_deformable_model_overfits_a_few_images(tmp_path, name):
-    run = tmp_path / "overfit"
-    run_train(run, tiny(tmp_path, f"model={name}", "data.max_train_images=4", "data.val_on_train=true",
-                        "data.batch_size=4", "data.synthetic.min_objects=1", "trainer.epochs=300",
-                        "trainer.eval_every=100", "instability.enabled=false", "optim.lr=1e-3",
-                        "optim.lr_backbone=1e-3", "model.hidden_dim=64", "model.dim_feedforward=128",
-                        "optim.lr_drop=250"))
-    assert read_metrics(run)[-1]["AP50"] >= 0.9
