@@ -109,7 +109,8 @@ def run_case(kind: str, size: int, args) -> dict:
 
 def print_table(rows) -> None:
     peak = "peak_mib" in " ".join(rows[0])
-    header = f"{'kind':>8}{'size':>6}{'S':>8}{'Lq':>8}{'time':>10}{'chunked':>10}{'ratio':>7}{'saved MiB':>11}{'chunked':>9}"
+    header = (f"{'kind':>8}{'size':>6}{'S':>8}{'Lq':>8}{'time':>10}{'chunked':>10}{'ratio':>7}{'saved MiB':>11}"
+              f"{'chunked':>9}")
     print(header + (f"{'peak MiB':>10}{'chunked':>9}" if peak else ""))
     for r in rows:
         line = (f"{r['kind']:>8}{r['size']:>6}{r['tokens']:>8}{r['queries']:>8}{r['unchunked_s']:>10.4f}"

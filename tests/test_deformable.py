@@ -6,7 +6,16 @@ import math
 import pytest
 import torch
 
+from dndetr.config import BackboneConfig
+from dndetr.models.backbone import Backbone
 from dndetr.models.deformable_attention import MSDeformAttn, deformable_attention_core, radial_offset_bias
+from dndetr.models.deformable_transformer import (DeformableDecoderLayer, DeformableEncoder, DeformableEncoderLayer,
+                                                  MultiScaleMemory, encoder_proposals, encoder_reference_points,
+                                                  flatten_levels, input_projection, level_references, project_levels,
+                                                  refine, topk_proposals)
+from dndetr.models.multilevel_decoder import MultiLevelDecoderLayer
+from dndetr.models.position_encoding import image_position_encoding
+from dndetr.models.transformer import ConditionalDecoderLayer
 
 SHAPES = [(5, 7), (3, 4), (2, 2)]
 
@@ -177,15 +186,6 @@ def test_init_samples_radially_around_a_2d_reference():
 
 # -- multi-scale input, encoder, decoder pieces ----------------------------------------------------------------
 
-from dndetr.config import BackboneConfig  # noqa: E402
-from dndetr.models.backbone import Backbone  # noqa: E402
-from dndetr.models.deformable_transformer import (DeformableDecoderLayer, DeformableEncoder,  # noqa: E402
-                                                  DeformableEncoderLayer, MultiScaleMemory, encoder_proposals, encoder_reference_points,
-                                                  flatten_levels, input_projection, level_references, project_levels,
-                                                  refine, topk_proposals)
-from dndetr.models.position_encoding import image_position_encoding  # noqa: E402
-
-
 def padded_batch():
     """Two images in a 64x64 batch: one full, one 40 wide x 64 high (the right 24 columns padded)."""
     images = torch.randn(2, 3, 64, 64)
@@ -301,12 +301,7 @@ def test_topk_proposals_detached_by_score():
     assert torch.equal(picked, torch.tensor([[[4.0, 5, 6, 7], [8, 9, 10, 11]]])) and not picked.requires_grad
 
 
-
 # -- the dense multi-level decoder layer of the "deformable encoder only" variant --------------------------------
-
-from dndetr.models.multilevel_decoder import MultiLevelDecoderLayer  # noqa: E402
-from dndetr.models.transformer import ConditionalDecoderLayer  # noqa: E402
-
 
 def as_memory(tokens, shapes):
     return MultiScaleMemory(tokens, None, None, shapes, None)
