@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     out = args.out or args.paths[0] / "instability_report"
     try:  # a mistake in the claims file stops the analysis before anything is written
-        claims = study_claims.load_claims(args.claims) if args.claims else []
+        claims, figures = study_claims.load_study(args.claims) if args.claims else ([], [])
     except study_claims.ClaimsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -95,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         written += [out / "claims.md", out / "claims.csv"]
         for i, outcome in enumerate(outcomes, 1):
             print(f"claim {i}: {outcome.verdict}: {outcome.claim.text}")
-    plots, skipped = make_plots(groups, out)
+    plots, skipped = make_plots(groups, out, figures)
     for note in skipped:
         print(f"skipped plot {note}")
     print(f"{len(runs)} run(s) in {len(groups)} setting(s); report in {out}:")

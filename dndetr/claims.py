@@ -16,6 +16,11 @@ and a verdict (docs/instability.md, "Claims").
         reference: DAB             # reach metrics: whose final AP is the target ...
         fraction: 1.0              # ... and which fraction of it (default 1.0)
         direction: less
+    figures:                       # optional: one curve per setting, mean and 95 % CI per epoch
+      - name: figure2_instability  # file name (PNG and PDF)
+        title: Matching instability per epoch (DN-DETR paper, Figure 2)
+        metric: IS
+        settings: {DETR: DETR, DAB-DETR: DAB, DN-DAB-DETR: DN-DAB}   # curve label: setting
 """
 from __future__ import annotations
 
@@ -54,6 +59,14 @@ class Claim:
 
 
 @dataclass
+class Figure:
+    name: str
+    title: str
+    metric: report.Metric
+    settings: Dict[str, SettingRef]  # curve label: setting
+
+
+@dataclass
 class Outcome:
     claim: Claim
     verdict: str
@@ -65,8 +78,8 @@ class Outcome:
 # reading
 
 
-def load_claims(path: Path) -> List[Claim]:
-    """The claims of a file, checked: every mistake is a ClaimsError naming the file and the claim."""
+def load_study(path: Path) -> Tuple[List[Claim], List[Figure]]:
+    """The claims and figures of a study file, checked: every mistake is a ClaimsError naming the file and entry."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as err:
@@ -76,7 +89,35 @@ def load_claims(path: Path) -> List[Claim]:
     names = data.get("settings") or {}
     if not isinstance(names, dict):
         raise ClaimsError(f"{path}: 'settings' must map names to settings")
-    return [parse_claim(entry, names, f"{path}: claim {i}") for i, entry in enumerate(data["claims"], 1)]
+    if not isinstance(data.get("figures") or [], list):
+        raise ClaimsError(f"{path}: 'figures' must be a list")
+    return ([parse_claim(entry, names, f"{path}: claim {i}") for i, entry in enumerate(data["claims"], 1)],
+            [parse_figure(entry, names, f"{path}: figure {i}") for i, entry in enumerate(data.get("figures") or [], 1)])
+
+
+def load_claims(path: Path) -> List[Claim]:
+    return load_study(path)[0]
+
+
+def parse_figure(entry, names: dict, where: str) -> Figure:
+    ok = isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("settings"), dict)
+    if not ok or not entry["settings"]:
+        raise ClaimsError(f"{where}: must be a mapping with name, metric and settings {{curve label: setting}}")
+    if entry.get("metric") not in report.BY_NAME:
+        raise ClaimsError(f"{where}: metric={entry.get('metric')!r} must be one of {sorted(report.BY_NAME)}")
+    settings = {str(label): setting_ref(ref, names, where) for label, ref in entry["settings"].items()}
+    return Figure(entry["name"], str(entry.get("title") or entry["name"]), report.BY_NAME[entry["metric"]], settings)
+
+
+def figure_groups(figure: Figure, groups: Dict[str, List[Run]]) -> Tuple[Dict[str, List[Run]], Optional[str]]:
+    """({curve label: runs}, None) when every setting of the figure is present, else ({}, why not)."""
+    chosen, missing = {}, []
+    for label, ref in figure.settings.items():
+        try:
+            chosen[label] = groups[resolve(groups, ref, f"figure {figure.name}")]
+        except LookupError:
+            missing.append(label)
+    return ({}, f"no runs of {', '.join(missing)}") if missing else (chosen, None)
 
 
 def parse_claim(entry, names: dict, where: str) -> Claim:

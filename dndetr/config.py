@@ -45,7 +45,7 @@ class BackboneConfig:
 @dataclass
 class ModelConfig:
     """What every model has. A model's own schema extends this in the model's module (see models/registry.py)."""
-    name: str = "detr"  # the registry name; set by conf/model/<name>.yaml
+    name: str = ""  # the registry name; set by conf/model/<name>.yaml
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     hidden_dim: int = 256
     nheads: int = 8
@@ -63,7 +63,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         from .models.registry import MODELS  # the registry imports this module
 
-        check_choice("model.name", self.name, tuple(sorted(MODELS)))
+        if type(self) is not ModelConfig:  # the bare base is only the placeholder until a model group is chosen
+            check_choice("model.name", self.name, tuple(sorted(MODELS)))
         check_choice("model.activation", self.activation, ("relu", "prelu", "gelu"))
         for key in ("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "num_select"):
             check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")

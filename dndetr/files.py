@@ -53,7 +53,8 @@ def atomic_write(path: Path, write: Callable, before_rename: Callable[[], None] 
 
 def is_file_too_large(err: BaseException) -> bool:
     """torch.save reports a failed write (full disk, ``ulimit -f``) as a RuntimeError from its zip writer."""
-    return isinstance(err, RuntimeError) and ("file write failed" in str(err) or "PytorchStreamWriter" in str(err))
+    markers = ("file write failed", "PytorchStreamWriter", "inline_container")
+    return isinstance(err, RuntimeError) and any(marker in str(err) for marker in markers)
 
 
 def describe_os_error(err: BaseException) -> str:

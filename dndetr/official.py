@@ -8,7 +8,7 @@ Official key -> our key (``ours_to_official`` is the exact inverse; the table is
 - ``<mlp>[.{k}].layers.{i}.*`` -> ``<mlp>[.{k}].{3*i}.*`` (torchvision's MLP: Linear, ReLU, Dropout per hidden
   layer), for the MLP names the model class lists in ``official_mlps``; ``.{k}``: a per-layer head list (deformable)
 - ``*.layers.{k}.{linear1,linear2,activation}.*`` -> ``*.layers.{k}.ffn.{linear1,linear2,activation}.*``
-- a query plug-in's ``official_prefixes`` (DN-DETR: ``label_enc.*`` -> ``plugins.dn.label_enc.*``)
+- a query plug-in's ``official_prefixes`` (DN-DETR: ``label_enc.*`` -> ``plugins.<group>.label_enc.*``)
 - the model class's ``official_aliases`` (DAB-DETR: ``transformer.decoder.bbox_embed.*``, the box head under a
   second name) -> dropped on load after checking they equal the tensor they alias, written back on export (a
   model whose aliases depend on its config says which with ``official_export_aliases()``)

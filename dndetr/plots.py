@@ -18,8 +18,6 @@ from dndetr.report import METRICS, complete, epoch_stats  # noqa: E402
 from dndetr.runs import Run, config_value  # noqa: E402
 
 Curves = Dict[str, Tuple[np.ndarray, pd.DataFrame]]  # label: (x, per-epoch mean / low / high / n)
-# The paper's Figure 2 arms, recognised from each run's config: (model.name, denoising on, attention mask)
-FIGURE2_ARMS = {"DETR": ("detr", False, None), "DAB-DETR": ("dab", False, None), "DN-DAB-DETR": ("dab", True, True)}
 
 
 def integer_epoch_ticks(ax, epochs: Sequence[int]) -> None:
@@ -87,23 +85,10 @@ def time_curves(groups: Dict[str, List[Run]]) -> Tuple[Curves, str]:
     return {label: (x / seconds, stats) for label, (x, stats) in curves.items()}, unit
 
 
-def figure2_settings(groups: Dict[str, List[Run]]) -> Tuple[Dict[str, str], Optional[str]]:
-    """({arm: setting label}, None) when each Figure 2 arm is exactly one setting, else ({}, why not)."""
-    found: Dict[str, List[str]] = {arm: [] for arm in FIGURE2_ARMS}
-    for label, runs in groups.items():
-        kinds = {(config_value(r.config, "model.name"), (config_value(r.config, "dn.groups") or 0) > 0,
-                  config_value(r.config, "dn.attn_mask")) for r in complete(runs)}
-        for arm, (model, dn, mask) in FIGURE2_ARMS.items():
-            if len(kinds) == 1 and all(want in (None, got) for want, got in zip((model, dn, mask), next(iter(kinds)))):
-                found[arm].append(label)
-    missing = [arm for arm, labels in found.items() if len(labels) != 1]
-    if missing:
-        return {}, "; ".join(f"{arm} matches {len(found[arm])} settings (needs 1)" for arm in missing)
-    return {arm: labels[0] for arm, labels in found.items()}, None
+def make_plots(groups: Dict[str, List[Run]], out: Path, figures=()) -> Tuple[List[Path], List[str]]:
+    """(files written, notes on plots skipped). ``figures`` are a study file's own figures (dndetr/claims.py)."""
+    from .claims import figure_groups
 
-
-def make_plots(groups: Dict[str, List[Run]], out: Path) -> Tuple[List[Path], List[str]]:
-    """(files written, notes on plots skipped)."""
     written, skipped = [], []
     for metric in (m for m in METRICS if m.plot):
         curves = epoch_curves(groups, metric.column, metric.scale)
@@ -118,12 +103,12 @@ def make_plots(groups: Dict[str, List[Run]], out: Path) -> Tuple[List[Path], Lis
         written += save_figure(fig, out, "ap_vs_time")
     else:
         skipped.append("ap_vs_time: no run has both AP and wall_time")
-    arms, why_not = figure2_settings(groups)
-    curves = epoch_curves({arm: groups[label] for arm, label in arms.items()}, "IS", 1.0)
-    if len(curves) == len(FIGURE2_ARMS):
-        fig = curve_figure(curves, "epoch", "IS (queries changing their match per image)",
-                           "Matching instability per epoch (DN-DETR paper, Figure 2)")
-        written += save_figure(fig, out, "figure2_instability")
-    else:
-        skipped.append(f"figure2_instability: {why_not or 'an arm has no IS'}")
+    for figure in figures:
+        chosen, why_not = figure_groups(figure, groups)
+        curves = epoch_curves(chosen, figure.metric.column, figure.metric.scale)
+        if chosen and len(curves) == len(chosen):
+            fig = curve_figure(curves, "epoch", figure.metric.axis, figure.title)
+            written += save_figure(fig, out, figure.name)
+        else:
+            skipped.append(f"{figure.name}: {why_not or 'a setting has no ' + figure.metric.column}")
     return written, skipped

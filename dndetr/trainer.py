@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -304,10 +305,12 @@ class Trainer:
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as err:
-                log.exception("evaluation of epoch %d failed", epoch)
+                trace = self.run_dir / "evaluation_error.txt"  # the whole traceback, for whoever debugs it
+                with contextlib.suppress(OSError):
+                    trace.write_text(traceback.format_exc())
                 raise EvaluationError(f"epoch {epoch} is trained and saved in {self.checkpoint_path}, but evaluating "
-                                      f"or recording it failed: {type(err).__name__}: {first_line(err)}; re-running "
-                                      "redoes only the evaluation") from None
+                                      f"or recording it failed: {type(err).__name__}: {first_line(err)} (traceback in "
+                                      f"{trace.name}); re-running redoes only the evaluation") from None
         row["iter_time"] = pending["iter_time"]
         row["train_time"] = pending["train_time"]
         row["epoch_time"] = row["train_time"] + row.get("eval_time", 0.0) + row.get("record_time", 0.0)

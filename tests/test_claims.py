@@ -154,12 +154,12 @@ def test_reach_claim_with_a_seed_that_never_reaches_is_not_supported(tmp_path):
 
 
 def test_figure2_arms_recognised_from_the_study_experiments_configs():
-    """The Figure 2 view finds its arms by config keys; compose the real study experiments to check those keys."""
+    """The study file's Figure 2 names its arms by experiment; compose the real study experiments to check they
+    resolve to exactly those settings."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from dndetr.config import register_configs
-    from dndetr.plots import figure2_settings
     from dndetr.runs import Run
 
     register_configs()
@@ -168,7 +168,8 @@ def test_figure2_arms_recognised_from_the_study_experiments_configs():
         for experiment in ARMS:
             config = OmegaConf.to_container(compose("config", overrides=[f"experiment={experiment}"]), resolve=True)
             groups[f"experiment={experiment}"] = [Run(path=Path(experiment), config=config)]
-    arms, why_not = figure2_settings(groups)
-    assert why_not is None
-    assert arms == {"DETR": "experiment=study_detr", "DAB-DETR": "experiment=study_dab",
-                    "DN-DAB-DETR": "experiment=study_dn_dab"}
+    (figure,) = claims.load_study(STUDY_CLAIMS)[1]
+    chosen, why_not = claims.figure_groups(figure, groups)
+    assert why_not is None and figure.metric.column == "IS"
+    assert {label: runs[0].path.name for label, runs in chosen.items()} == {
+        "DETR": "study_detr", "DAB-DETR": "study_dab", "DN-DAB-DETR": "study_dn_dab"}

@@ -22,7 +22,8 @@ from dndetr.data import (AnnotationProblems, CocoDetection, DataError, build_dat
                          queries_warning)
 from dndetr.data.annotations import MAX_CATEGORY_ID, bomb_limit
 from dndetr.data.check import main as check_main
-from dndetr.engine import coco_ap, load_checkpoint
+from dndetr.evaluation import coco_ap
+from dndetr.trainer import load_checkpoint
 from helpers import REPO_ROOT, TINY, compose_config, run_train
 from test_config import assert_one_error_line
 

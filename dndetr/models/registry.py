@@ -1,9 +1,9 @@
 """The model registry: a model registers itself in its own module, and everything else finds it here.
 
-    @register_model("dab", DABConfig)
-    class DABDETR(DetrBase): ...
+    @register_model("my_model", MyModelConfig)
+    class MyModel(DetrBase): ...
 
-``DABConfig`` is the model's structured-config schema (a dataclass extending :class:`dndetr.config.ModelConfig`);
+``MyModelConfig`` is the model's structured-config schema (a dataclass extending :class:`dndetr.config.ModelConfig`);
 Hydra composes ``conf/model/<name>.yaml`` against it (stored as ``schema/model/<name>``), the official-checkpoint
 mapping reads the model class's ``official_*`` attributes, and the benchmarks list models from :data:`MODELS`.
 """

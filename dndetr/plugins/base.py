@@ -63,7 +63,7 @@ class QueryBlock:
 
 
 class QueryPlugin(nn.Module, ABC):
-    group: str = ""  # config group and loss-term prefix, e.g. "dn"
+    group: str = ""  # config group and loss-term prefix (DN: dn)
     schema: type = object
     needs_box_queries = False  # the model must turn boxes into positional queries (``box_query_position``)
 
