@@ -17,10 +17,11 @@ from typing import Callable, Dict, List
 
 import torch
 
-from dndetr.config import BackboneConfig, Config, DNConfig, MatcherConfig, ModelConfig
+from dndetr.config import BackboneConfig, Config, MatcherConfig, ModelConfig
 from dndetr.criterion import SetCriterion
 from dndetr.matcher import HungarianMatcher
 from dndetr.models import build_model
+from dndetr.plugins.dn import DNConfig
 
 NUM_CLASSES = 91  # COCO: max category id + 1
 MODEL_NAMES = ("detr", "conditional", "dab")

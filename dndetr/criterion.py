@@ -96,8 +96,13 @@ class SetCriterion(nn.Module):
         layers = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
         blocks = outputs.get("query_blocks", [])
         scale = math.prod(block.plugin.matching_loss_scale for block in blocks)
-        losses = {term + suffix: value * self.weights[term] * scale
-                  for suffix, out in layers for term, value in self.matching_losses(out, targets, num_boxes).items()}
+        supervised = [(suffix, out, targets, scale) for suffix, out in layers]
+        if "enc_outputs" in outputs:  # two-stage proposals: class-agnostic, every object is class 0
+            agnostic = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
+            supervised.append(("_enc", outputs["enc_outputs"], agnostic, 1.0))
+        losses = {term + suffix: value * self.weights[term] * layer_scale
+                  for suffix, out, layer_targets, layer_scale in supervised
+                  for term, value in self.matching_losses(out, layer_targets, num_boxes).items()}
         for block in blocks:
             prefix = block.plugin.group + "_"
             losses.update({prefix + name: value

@@ -4,13 +4,14 @@ Our modules compute the same functions with the same tensors as the official one
 Official key -> our key (``ours_to_official`` is the exact inverse; the table is also in docs/models.md):
 
 - ``backbone.0.body.*`` -> ``backbone.body.*``
-- ``transformer.{encoder,decoder,patterns}.*`` -> ``{encoder,decoder,patterns}.*``
-- ``<mlp>.layers.{i}.*`` -> ``<mlp>.{3*i}.*`` (torchvision's MLP: Linear, ReLU, Dropout per hidden layer), for the
-  MLP names the model class lists in ``official_mlps``
+- ``transformer.{encoder,decoder,patterns,level_embed,...}`` -> the same name without ``transformer.``
+- ``<mlp>[.{k}].layers.{i}.*`` -> ``<mlp>[.{k}].{3*i}.*`` (torchvision's MLP: Linear, ReLU, Dropout per hidden
+  layer), for the MLP names the model class lists in ``official_mlps``; ``.{k}``: a per-layer head list (deformable)
 - ``*.layers.{k}.{linear1,linear2,activation}.*`` -> ``*.layers.{k}.ffn.{linear1,linear2,activation}.*``
 - a query plug-in's ``official_prefixes`` (DN-DETR: ``label_enc.*`` -> ``plugins.<group>.label_enc.*``)
 - the model class's ``official_aliases`` (DAB-DETR: ``transformer.decoder.bbox_embed.*``, the box head under a
-  second name) -> dropped on load after checking they equal the tensor they alias, written back on export
+  second name) -> dropped on load after checking they equal the tensor they alias, written back on export (a
+  model whose aliases depend on its config says which with ``official_export_aliases()``)
 
 Packed attention weights (``in_proj_weight`` [3d, d], q/k/v rows) need no conversion: our encoder layers and DETR
 decoder layers use ``nn.MultiheadAttention`` exactly like the originals, and the conditional decoder layers keep the
@@ -34,7 +35,8 @@ from .plugins import PLUGINS
 StateDict = Dict[str, torch.Tensor]
 
 MLP_STRIDE = 3  # torchvision's MLP: Linear, ReLU, Dropout, Linear, ...
-TRANSFORMER_PARTS = ("encoder.", "decoder.", "patterns.")
+TRANSFORMER_PARTS = ("encoder.", "decoder.", "patterns.", "level_embed", "reference_points.", "enc_output.",
+                     "enc_output_norm.", "pos_trans.", "pos_trans_norm.")  # the last ones: deformable models
 _OFFICIAL_FFN = re.compile(r"\.layers\.(\d+)\.(linear1|linear2|activation)\.")
 _OUR_FFN = re.compile(r"\.layers\.(\d+)\.ffn\.")
 
@@ -48,7 +50,7 @@ def plugin_prefixes() -> List[Tuple[str, str]]:
 def _mlp_pattern(model_name: str, ours: bool) -> re.Pattern:
     names = "|".join(model_entry(model_name).cls.official_mlps)
     layers = "" if ours else r"layers\."
-    return re.compile(rf"(^|\.)({names})\.{layers}(\d+)\.")
+    return re.compile(rf"(^|\.)((?:{names})(?:\.\d+)?)\.{layers}(\d+)\.")
 
 
 def official_key_to_ours(key: str, model_name: str) -> str:
@@ -104,10 +106,13 @@ def official_to_ours(state: StateDict, model_name: str) -> StateDict:
     return {official_key_to_ours(k, model_name): v for k, v in state.items() if k not in duplicates}
 
 
-def ours_to_official(state: StateDict, model_name: str) -> StateDict:
-    """Our state dict -> the official layout (with the aliases the official model stores a second time)."""
+def ours_to_official(state: StateDict, model_name: str, aliases: Optional[Dict[str, str]] = None) -> StateDict:
+    """Our state dict -> the official layout (with the aliases the official model stores a second time; default:
+    the model class's ``official_aliases``)."""
     official = {our_key_to_official(k, model_name): v for k, v in state.items()}
-    for alias, target in model_entry(model_name).cls.official_aliases.items():
+    if aliases is None:
+        aliases = model_entry(model_name).cls.official_aliases
+    for alias, target in aliases.items():
         official.update({alias + k[len(target):]: v for k, v in list(official.items()) if k.startswith(target)})
     return official
 
@@ -175,4 +180,5 @@ def load_into(model: nn.Module, path) -> None:
 
 def export_official(model: nn.Module, model_name: Optional[str] = None) -> StateDict:
     """The model's state dict in the official layout (model_name defaults to ``model.cfg.name``)."""
-    return ours_to_official(model.state_dict(), model_name or model.cfg.name)
+    aliases = model.official_export_aliases() if hasattr(model, "official_export_aliases") else None
+    return ours_to_official(model.state_dict(), model_name or model.cfg.name, aliases)

@@ -4,7 +4,7 @@ DN-DETR paper's Figure 2 view (IS per epoch of DETR, DAB-DETR and DN-DAB-DETR). 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import matplotlib
 
@@ -14,8 +14,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from dndetr.report import METRICS, complete, epoch_stats  # noqa: E402
-from dndetr.runs import Run, config_value  # noqa: E402
+from dndetr.report import METRICS, epoch_stats  # noqa: E402
+from dndetr.runs import Run  # noqa: E402
 
 Curves = Dict[str, Tuple[np.ndarray, pd.DataFrame]]  # label: (x, per-epoch mean / low / high / n)
 

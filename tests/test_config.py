@@ -22,9 +22,9 @@ def options(group: str) -> list:
 
 
 def test_every_group_has_the_documented_options():
-    assert options("model") == ["conditional", "dab", "detr"]
+    assert options("model") == ["conditional", "dab", "dab_deformable", "dab_deformable_enc", "deformable", "detr"]
     assert options("matcher") == ["detr", "focal", "stable_dino"]
-    assert options("loss") == ["conditional", "dab", "detr", "stable_dino"]
+    assert options("loss") == ["conditional", "dab", "deformable", "detr", "stable_dino"]
     assert options("dn") == ["default", "dino", "dn_detr"]
     assert options("group") == ["default", "group_detr"]
     assert options("hybrid") == ["default", "h_detr"]
@@ -129,6 +129,11 @@ EXPERIMENTS = {
     "paper_12ep": ("conditional", 0, "synthetic", "resnet50", 12, 11),
     "[paper_dab,paper_12ep]": ("dab", 0, "coco", "resnet50", 12, 11),
     "[paper_dn_dab,paper_12ep]": ("dab", 5, "coco", "resnet50", 12, 11),
+    "cpu_deformable": ("deformable", 0, "synthetic", "resnet18", 16, 12),
+    "paper_deformable": ("deformable", 0, "coco", "resnet50", 50, 40),
+    "paper_dn_deformable": ("dab_deformable_enc", 5, "coco", "resnet50", 50, 40),
+    "[paper_dn_deformable,paper_12ep]": ("dab_deformable_enc", 5, "coco", "resnet50", 12, 11),
+    "paper_dn_dab_deformable": ("dab_deformable", 5, "coco", "resnet50", 50, 40),
 }
 
 
@@ -203,7 +208,7 @@ CLI_ERRORS = {
     "negative groups": (["dn.groups=-1"], ["dn.groups=-1", "integer >= 0"]),
     "box noise": (["dn.box_noise=1.5"], ["dn.box_noise=1.5", "[0, 1)"]),
     "wrong type": (["dn.label_noise=abc"], ["dn.label_noise=abc", "could not be converted to Float"]),
-    "unknown model": (["model=unknown"], ["model=unknown", "must be one of conditional, dab, detr"]),
+    "unknown model": (["model=unknown"], ["model=unknown", "must be one of conditional, dab, dab_deformable, dab_deformable_enc,"]),
     "all costs zero": (["matcher.cost_class=0", "matcher.cost_bbox=0", "matcher.cost_giou=0"],
                        ["matcher.cost_class", "(0.0, 0.0, 0.0)", "at least one cost must be > 0"]),
     "batch size": (["data.batch_size=0"], ["data.batch_size=0", ">= 1"]),

@@ -179,7 +179,12 @@ def outputs_with_feature_noise(model, images, masks, on_padding: bool):
         hook.remove()
 
 
-@pytest.mark.parametrize("name", NAMES)
+# The deformable models' GroupNorm input projections and stride-2 extra level mix padded positions into valid ones
+# (as in the official models), so this exact invariance holds only for the single-scale models.
+PADDING_INVARIANT = [n for n in NAMES if getattr(MODELS[n].cls, "padding_invariant", True)]
+
+
+@pytest.mark.parametrize("name", PADDING_INVARIANT)
 def test_padded_positions_do_not_influence_outputs(name):
     """CNN features at padded positions are never attended to (encoder keys, decoder cross-attention keys).
 

@@ -1,7 +1,11 @@
-"""ResNet backbone with frozen batch norm, as in DETR: only C5 is used, the stem and layer1 stay frozen."""
+"""ResNet backbone with frozen batch norm, as in DETR: the stem and layer1 stay frozen.
+
+Single-scale models use one output (C5, or C4 at CPU scale); multi-scale models (Deformable DETR) ask for several
+stages with ``layers`` and call :meth:`Backbone.levels`."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +34,7 @@ def load_resnet_weights(resnet: nn.Module, path: str) -> None:
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: BackboneConfig, train_backbone: bool = True):
+    def __init__(self, cfg: BackboneConfig, train_backbone: bool = True, layers: Optional[Sequence[str]] = None):
         super().__init__()
         if cfg.dilation and cfg.name in ("resnet18", "resnet34"):
             raise ConfigError(f"model.backbone.dilation=True is invalid for {cfg.name}: DC5 needs resnet50/101")
@@ -43,12 +47,25 @@ class Backbone(nn.Module):
         for name, param in resnet.named_parameters():
             stage = "conv1" if name.startswith(("conv1", "bn1")) else name.split(".")[0]
             param.requires_grad_(train_backbone and stage in trainable_stages)
-        # IntermediateLayerGetter drops every module after the returned layer (so layer3 output has no layer4).
-        self.body = IntermediateLayerGetter(resnet, return_layers={cfg.output_layer: "0"})
-        basic = cfg.name in ("resnet18", "resnet34")
-        self.num_channels = {"layer3": 256 if basic else 1024, "layer4": 512 if basic else 2048}[cfg.output_layer]
+        # IntermediateLayerGetter drops every module after the last returned layer (so layer3 output has no layer4).
+        layers = list(layers or [cfg.output_layer])
+        self.body = IntermediateLayerGetter(resnet, return_layers={name: str(i) for i, name in enumerate(layers)})
+        widths = {"layer2": 128, "layer3": 256, "layer4": 512}
+        scale = 1 if cfg.name in ("resnet18", "resnet34") else 4  # bottleneck blocks expand channels 4x
+        self.channels = [widths[name] * scale for name in layers]
+        self.num_channels = self.channels[-1]
+
+    def levels(self, images: torch.Tensor, masks: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(features, padding mask) for every requested stage, in the order of ``layers``."""
+        outputs = []
+        for features in self.body(images).values():
+            outputs.append((features, downsample_mask(masks, features.shape[-2:])))
+        return outputs
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor):
-        features = self.body(images)["0"]
-        mask = F.interpolate(masks[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
-        return features, mask
+        return self.levels(images, masks)[-1]
+
+
+def downsample_mask(masks: torch.Tensor, size) -> torch.Tensor:
+    """Padding mask [B,H,W] -> [B,h,w] by nearest interpolation (True = padding)."""
+    return F.interpolate(masks[None].float(), size=size).to(torch.bool)[0]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..plugins.base import assemble, isolated_init, split_outputs
+from ..plugins.base import isolated_init, outputs_of_plugins, with_plugin_queries
 from .backbone import Backbone
 from .position_encoding import image_position_encoding
 from .transformer import Encoder, EncoderLayer, mlp, mlp_last_linear
@@ -129,21 +129,10 @@ class DetrBase(nn.Module, ABC):
         """``probe`` (eval mode, matching record): also run the plug-ins' probe blocks (every Group DETR group)."""
         memory, padding_mask, pos = self.encode(images, masks)
         content, position = self.queries(images.shape[0])
-        blocks = []
-        if self.training and targets is not None:
-            blocks = [block for plugin in self.plugins.values()
-                      if (block := plugin.build(targets, content, self)) is not None]
-        elif probe:
-            blocks = [block for plugin in self.plugins.values() if (block := plugin.probe(content, self)) is not None]
-        self_attn_mask = None
-        if blocks:
-            content, position, self_attn_mask, matching = assemble(blocks, content, position)
+        content, position, self_attn_mask, blocks = with_plugin_queries(self, content, position, targets, probe)
         hs, references = self.decode(content, position, memory, padding_mask, pos, self_attn_mask)
-        logits, boxes = self.class_embed(hs), self.predict_boxes(hs, references)
         outputs = {}
-        if blocks:
-            logits, boxes = split_outputs(blocks, matching, logits, boxes)
-            outputs["query_blocks"] = blocks
+        logits, boxes = outputs_of_plugins(blocks, self.class_embed(hs), self.predict_boxes(hs, references), outputs)
         outputs["pred_logits"], outputs["pred_boxes"] = logits[-1], boxes[-1]
         if self.cfg.aux_loss:
             outputs["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]

@@ -14,22 +14,27 @@ def sine(values: torch.Tensor, num_feats: int, temperature: float) -> torch.Tens
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
-def image_position_encoding(mask: torch.Tensor, num_feats: int, temperature: float) -> torch.Tensor:
-    """mask [B,H,W] (True = padding) -> [B, H*W, 2*num_feats] = cat(pos_y, pos_x), normalised to [0, 2*pi]."""
+def image_position_encoding(mask: torch.Tensor, num_feats: int, temperature: float,
+                            offset: float = 0.0) -> torch.Tensor:
+    """mask [B,H,W] (True = padding) -> [B, H*W, 2*num_feats] = cat(pos_y, pos_x), normalised to [0, 2*pi].
+
+    ``offset`` is subtracted from the running pixel count: Deformable DETR uses -0.5 (pixel centres), DETR 0."""
     not_mask = ~mask
     y_embed = not_mask.cumsum(1, dtype=torch.float32)
     x_embed = not_mask.cumsum(2, dtype=torch.float32)
-    y_embed = y_embed / (y_embed[:, -1:, :] + 1e-6) * 2 * math.pi
-    x_embed = x_embed / (x_embed[:, :, -1:] + 1e-6) * 2 * math.pi
+    y_embed = (y_embed + offset) / (y_embed[:, -1:, :] + 1e-6) * 2 * math.pi
+    x_embed = (x_embed + offset) / (x_embed[:, :, -1:] + 1e-6) * 2 * math.pi
     pos = torch.cat((sine(y_embed, num_feats, temperature), sine(x_embed, num_feats, temperature)), dim=-1)
     return pos.flatten(1, 2)
 
 
-def box_sine_embedding(boxes: torch.Tensor, num_feats: int, temperature: float = 10000.0) -> torch.Tensor:
+def box_sine_embedding(boxes: torch.Tensor, num_feats: int, temperature: float = 10000.0,
+                       yx_first: bool = True) -> torch.Tensor:
     """Normalised points [..., 2] (cx, cy) or boxes [..., 4] (cx, cy, w, h) -> [..., k*num_feats].
 
-    The order is y, x, then w, h, matching the image encoding's (y, x) layout so that queries and keys align.
+    The order is y, x, then w, h, matching the image encoding's (y, x) layout so that queries and keys align;
+    ``yx_first=False`` keeps x, y, w, h (Deformable DETR's two-stage proposal embedding).
     """
     scaled = boxes * (2 * math.pi)
-    order = [1, 0] + list(range(2, boxes.shape[-1]))
+    order = ([1, 0] if yx_first else [0, 1]) + list(range(2, boxes.shape[-1]))
     return torch.cat([sine(scaled[..., i], num_feats, temperature) for i in order], dim=-1)

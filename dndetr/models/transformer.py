@@ -150,18 +150,26 @@ class ConditionalDecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(d_model) for _ in range(3))
         self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
 
-    def forward(self, tgt, memory, padding_mask, pos, query_pos, query_sine, self_attn_mask=None):
+    def self_attention(self, tgt, query_pos, self_attn_mask=None):
+        """The self-attention block: returns the new tgt and the self-attention query (used by subclasses)."""
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
         tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, self.sa_v_proj(tgt), attn_mask=self_attn_mask)))
+        return tgt, q
 
+    def cross_queries_keys(self, tgt, memory, pos, query_pos, query_sine):
+        """Cross-attention q [B,N,2d] and k [B,S,2d]: content and spatial parts concatenated per head."""
         q_content, k_content = self.ca_qcontent_proj(tgt), self.ca_kcontent_proj(memory)
         k_pos = self.ca_kpos_proj(pos)
         if self.ca_qpos_proj is not None:
             q_content = q_content + self.ca_qpos_proj(query_pos)
             k_content = k_content + k_pos
-        q = concat_per_head(q_content, self.ca_qpos_sine_proj(query_sine), self.nheads)
-        k = concat_per_head(k_content, k_pos, self.nheads)
+        return (concat_per_head(q_content, self.ca_qpos_sine_proj(query_sine), self.nheads),
+                concat_per_head(k_content, k_pos, self.nheads))
+
+    def forward(self, tgt, memory, padding_mask, pos, query_pos, query_sine, self_attn_mask=None):
+        tgt, _ = self.self_attention(tgt, query_pos, self_attn_mask)
+        q, k = self.cross_queries_keys(tgt, memory, pos, query_pos, query_sine)
         attended = self.cross_attn(q, k, self.ca_v_proj(memory), padding_mask=padding_mask)
         tgt = self.norm2(tgt + self.dropout2(attended))
         return self.norm3(tgt + self.ffn(tgt))

@@ -190,3 +190,29 @@ def split_outputs(blocks: List[QueryBlock], matching: slice, logits: torch.Tenso
     for block, rows in block_slices(blocks, matching):
         block.logits, block.boxes = logits[:, :, rows], boxes[:, :, rows]
     return logits[:, :, matching], boxes[:, :, matching]
+
+
+def with_plugin_queries(model, content: torch.Tensor, position: Dict[str, torch.Tensor], targets, probe=False):
+    """The forward pass's plug-in step: every plug-in's block around the matching queries (training with targets;
+    with ``probe``, the plug-ins' probe blocks of the matching record). Returns content, position, the
+    self-attention mask and ``blocks`` (with the matching slice) for :func:`outputs_of_plugins`; without blocks the
+    queries come back unchanged."""
+    blocks = []
+    if model.training and targets is not None:
+        blocks = [block for plugin in model.plugins.values()
+                  if (block := plugin.build(targets, content, model)) is not None]
+    elif probe:
+        blocks = [block for plugin in model.plugins.values() if (block := plugin.probe(content, model)) is not None]
+    if not blocks:
+        return content, position, None, None
+    content, position, self_attn_mask, matching = assemble(blocks, content, position)
+    return content, position, self_attn_mask, (blocks, matching)
+
+
+def outputs_of_plugins(blocks, logits: torch.Tensor, boxes: torch.Tensor, outputs: dict):
+    """Give the blocks their outputs (``outputs["query_blocks"]``); returns the matching queries' logits, boxes."""
+    if blocks is None:
+        return logits, boxes
+    outputs["query_blocks"] = blocks[0]
+    return split_outputs(*blocks, logits, boxes)
+

@@ -1,0 +1,154 @@
+"""Time and memory of multi-scale deformable attention (dndetr/models/deformable_attention.py) vs image size.
+
+For each square image size, the 4 levels of Deformable DETR (strides 8, 16, 32, 64; d=256, 8 heads, 4 points) are
+attended by two kinds of queries, as in one encoder layer and one decoder layer:
+
+- encoder: every token queries (Lq = S), 2-D reference points;
+- decoder: 300 queries with box references.
+
+Each case runs forward + backward with the attention's query chunking off (``max_sample_bytes=None``) and on (the
+default budget, or ``--budget-mib``); both variants alternate repeat by repeat. Reported per case: median time,
+the bytes autograd keeps for backward (counted with saved-tensor hooks, so the same on CPU and CUDA) and, on CUDA,
+the peak allocated memory during the step above what was allocated before it.
+
+    python benchmarks/bench_deformable_attention.py --sizes 256,512,800 --device cpu --json deform.json
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import check_run_args, median, save_results, timed  # noqa: E402
+from dndetr.models.deformable_attention import DEFAULT_MAX_SAMPLE_BYTES, MSDeformAttn  # noqa: E402
+
+STRIDES = (8, 16, 32, 64)
+MIB = 2 ** 20
+
+
+def level_shapes(size: int):
+    shapes, side = [], size
+    for _ in STRIDES:  # ResNet halves with ceil at every stride-2 stage; the extra level is a stride-2 conv
+        side = math.ceil(side / 8) if not shapes else math.ceil(side / 2)
+        shapes.append((side, side))
+    return shapes
+
+
+def make_inputs(kind: str, size: int, batch: int, device: str, queries: int):
+    shapes = level_shapes(size)
+    S = sum(h * w for h, w in shapes)
+    lq = S if kind == "encoder" else queries
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(batch, S, 256, generator=gen).to(device)
+    query = torch.randn(batch, lq, 256, generator=gen).to(device).requires_grad_()
+    refs = torch.rand(batch, lq, len(shapes), 2 if kind == "encoder" else 4, generator=gen).to(device)
+    mask = torch.zeros(batch, S, dtype=torch.bool, device=device)
+    return shapes, values.requires_grad_(), query, refs, mask
+
+
+def saved_bytes_of(fn) -> int:
+    """Bytes autograd saves for backward while ``fn`` runs (each storage counted once)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def step(module, inputs, device):
+    shapes, values, query, refs, mask = inputs
+    out, saved = saved_bytes_of(lambda: module(query, refs, values, shapes, mask))
+    out.square().mean().backward()
+    return saved
+
+
+def run_case(kind: str, size: int, args) -> dict:
+    inputs = make_inputs(kind, size, args.batch, args.device, args.queries)
+    torch.manual_seed(0)
+    module = MSDeformAttn(256, 4, 8, 4).to(args.device)
+    budgets = {"unchunked": None, "chunked": int(args.budget_mib * MIB)}
+    times = {name: [] for name in budgets}
+    saved, peak = {}, {}
+    for i in range(args.warmup + args.repeats):
+        for name, budget in budgets.items():
+            module.max_sample_bytes = budget
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            holder = {}
+            elapsed = timed(lambda: holder.update(saved=step(module, inputs, args.device)), args.device)
+            saved[name] = holder["saved"]
+            if args.device == "cuda":
+                peak[name] = torch.cuda.max_memory_allocated() - before
+            if i >= args.warmup:
+                times[name].append(elapsed)
+            module.zero_grad(set_to_none=True)
+            for t in inputs[1:3]:
+                t.grad = None
+    shapes = inputs[0]
+    row = {"kind": kind, "size": size, "tokens": sum(h * w for h, w in shapes),
+           "queries": inputs[2].shape[1], "shapes": shapes}
+    for name in budgets:
+        row[f"{name}_s"] = median(times[name])
+        row[f"{name}_saved_mib"] = saved[name] / MIB
+        if peak:
+            row[f"{name}_peak_mib"] = peak[name] / MIB
+    row["time_ratio"] = median([c / u for c, u in zip(times["chunked"], times["unchunked"])])
+    return row
+
+
+def print_table(rows) -> None:
+    peak = "peak_mib" in " ".join(rows[0])
+    header = (f"{'kind':>8}{'size':>6}{'S':>8}{'Lq':>8}{'time':>10}{'chunked':>10}{'ratio':>7}{'saved MiB':>11}"
+              f"{'chunked':>9}")
+    print(header + (f"{'peak MiB':>10}{'chunked':>9}" if peak else ""))
+    for r in rows:
+        line = (f"{r['kind']:>8}{r['size']:>6}{r['tokens']:>8}{r['queries']:>8}{r['unchunked_s']:>10.4f}"
+                f"{r['chunked_s']:>10.4f}{r['time_ratio']:>7.2f}{r['unchunked_saved_mib']:>11.1f}"
+                f"{r['chunked_saved_mib']:>9.1f}")
+        if peak:
+            line += f"{r['unchunked_peak_mib']:>10.1f}{r['chunked_peak_mib']:>9.1f}"
+        print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="256,512")
+    parser.add_argument("--kinds", default="encoder,decoder")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--queries", type=int, default=300, help="decoder queries")
+    parser.add_argument("--budget-mib", type=float, default=DEFAULT_MAX_SAMPLE_BYTES / MIB,
+                        help="max_sample_bytes of the chunked variant, in MiB")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    check_run_args(parser, args)
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+        kinds = [k for k in args.kinds.split(",") if k]
+    except ValueError:
+        parser.error(f"--sizes={args.sizes!r} is invalid: use comma-separated integers")
+    if any(s < 64 for s in sizes) or not set(kinds) <= {"encoder", "decoder"} or not kinds:
+        parser.error("--sizes must be >= 64 and --kinds a subset of encoder,decoder")
+    if args.budget_mib <= 0:
+        parser.error("--budget-mib must be > 0")
+    rows = [run_case(kind, size, args) for size in sizes for kind in kinds]
+    print_table(rows)
+    save_results(args, "rows", rows)
+
+
+if __name__ == "__main__":
+    main()

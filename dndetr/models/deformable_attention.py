@@ -1,0 +1,133 @@
+"""Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021) in plain PyTorch.
+
+Every query looks at ``n_points`` locations per head and per feature level, placed around its reference point by
+learned offsets, and mixes the bilinearly sampled values with weights that are softmax-normalised jointly over
+levels x points. The sampling is ``F.grid_sample(align_corners=False, padding_mode="zeros")``, which reads pixel
+``loc * W - 0.5`` and counts neighbours outside the map as zero: the same arithmetic as the official CUDA kernel.
+Weights are not renormalised when a point falls outside the map.
+
+The sampled tensor [N*heads, head_dim, Lq, levels*points] is what autograd keeps for the backward pass, and at COCO
+sizes in the encoder (Lq = S ~ 20k tokens) it is ~650 MiB per layer. ``max_sample_bytes`` caps it: queries are
+processed in chunks, and while gradients are needed each chunk is checkpointed (its sampling is recomputed during
+backward), so only one chunk's samples are alive at a time.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+Shapes = Sequence[Tuple[int, int]]  # (H, W) per level, as Python ints (no host sync when splitting)
+
+DEFAULT_MAX_SAMPLE_BYTES = 256 * 2 ** 20
+
+
+def split_levels(value: torch.Tensor, shapes: Shapes) -> List[torch.Tensor]:
+    """value [N,S,M,D] -> per level [N*M, D, H, W], the layout grid_sample wants."""
+    N, _, M, D = value.shape
+    sizes = [h * w for h, w in shapes]
+    return [v.flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
+            for v, (h, w) in zip(value.split(sizes, dim=1), shapes)]
+
+
+def sample_and_mix(value_levels: List[torch.Tensor], locations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """value_levels per level [N*M,D,H,W]; locations [N,Lq,M,L,P,2] in [0,1] (x,y); weights [N,Lq,M,L,P]
+    -> [N, Lq, M*D]."""
+    N, Lq, M, L, P, _ = locations.shape
+    grids = (2 * locations - 1).transpose(1, 2).flatten(0, 1)  # [N*M, Lq, L, P, 2] in grid_sample's [-1, 1]
+    sampled = torch.stack([F.grid_sample(v, grids[:, :, level], mode="bilinear", padding_mode="zeros",
+                                         align_corners=False) for level, v in enumerate(value_levels)], dim=-2)
+    weights = weights.transpose(1, 2).reshape(N * M, 1, Lq, L * P)
+    out = (sampled.flatten(-2) * weights).sum(-1)  # [N*M, D, Lq]
+    return out.view(N, -1, Lq).transpose(1, 2)
+
+
+def deformable_attention_core(value: torch.Tensor, shapes: Shapes, locations: torch.Tensor, weights: torch.Tensor,
+                              max_sample_bytes: Optional[int] = None) -> torch.Tensor:
+    """value [N,S,M,D], locations [N,Lq,M,L,P,2], weights [N,Lq,M,L,P] -> [N,Lq,M*D].
+
+    Half-precision inputs are computed in float32 (the official kernel has no half/bfloat16 path either) and the
+    result is cast back. ``max_sample_bytes`` (None = no limit) bounds the sampled tensor of one query chunk.
+    """
+    out_dtype = value.dtype
+    compute = torch.promote_types(torch.promote_types(value.dtype, locations.dtype), torch.float32)
+    value, locations, weights = value.to(compute), locations.to(compute), weights.to(compute)
+    N, Lq, M, L, P, _ = locations.shape
+    value_levels = split_levels(value, shapes)
+    bytes_per_query = N * M * value.shape[-1] * L * P * value.element_size()
+    chunk = Lq if max_sample_bytes is None else max(1, int(max_sample_bytes // bytes_per_query))
+    if chunk >= Lq:
+        return sample_and_mix(value_levels, locations, weights).to(out_dtype)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (value, locations, weights))
+    pieces = []
+    for start in range(0, Lq, chunk):
+        part = (value_levels, locations[:, start:start + chunk], weights[:, start:start + chunk])
+        pieces.append(checkpoint(sample_and_mix, *part, use_reentrant=False) if needs_grad else sample_and_mix(*part))
+    return torch.cat(pieces, dim=1).to(out_dtype)
+
+
+def radial_offset_bias(n_heads: int, n_levels: int, n_points: int) -> torch.Tensor:
+    """The published offset init: head m points along angle 2*pi*m/M (scaled so the larger coordinate is 1), point p
+    sits (p+1) times further out; the same for every level. Flattened in (M, L, P, 2) order."""
+    theta = torch.arange(n_heads, dtype=torch.float32) * (2.0 * math.pi / n_heads)
+    directions = torch.stack((theta.cos(), theta.sin()), dim=-1)
+    directions = directions / directions.abs().max(-1, keepdim=True).values
+    scale = torch.arange(1, n_points + 1, dtype=torch.float32)[None, None, :, None]
+    return (directions[:, None, None, :].repeat(1, n_levels, n_points, 1) * scale).flatten()
+
+
+class MSDeformAttn(nn.Module):
+    """Parameter names follow the official module (sampling_offsets, attention_weights, value_proj, output_proj)."""
+
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
+                 max_sample_bytes: Optional[int] = DEFAULT_MAX_SAMPLE_BYTES):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
+        self.max_sample_bytes = max_sample_bytes
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.sampling_offsets.weight)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(radial_offset_bias(self.n_heads, self.n_levels, self.n_points))
+        # Zero weights and bias: every sample starts with the same weight 1 / (levels * points).
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for proj in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, values: torch.Tensor, shapes: Shapes,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """query [N,Lq,d]; reference_points [N,Lq,L,2] (x,y) or [N,Lq,L,4] (cx,cy,w,h) in [0,1] of each PADDED
+        level map; values [N,S,d] (levels flattened in ``shapes`` order); padding_mask [N,S] True = padding."""
+        N, Lq, _ = query.shape
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(values)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(N, values.shape[1], M, -1)
+        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
+        weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
+        ref = reference_points[:, :, None, :, None, :]  # [N, Lq, 1, L, 1, 2|4]
+        if reference_points.shape[-1] == 2:
+            # 2-D reference: offsets are in pixels of each level.
+            size = torch.tensor([[w, h] for h, w in shapes], dtype=offsets.dtype, device=offsets.device)
+            locations = ref + offsets / size[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            # Box reference: offsets are in units of half the box size divided by the number of points.
+            locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4 coordinates, got {tuple(reference_points.shape)}")
+        out = deformable_attention_core(value, shapes, locations, weights, self.max_sample_bytes)
+        return self.output_proj(out)
