@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import check
+from .base import DetrBase
 from .dab import DABDETR
 from .deformable_base import PRIOR_BIAS, DeformableBase, MultiScaleConfig, random_anchor_centres
 from .multilevel_decoder import MultiLevelDecoderLayer
@@ -60,6 +61,8 @@ class DABDeformableEncOnly(DeformableBase):
         self.class_embed = nn.Linear(d, num_classes)
         nn.init.constant_(self.class_embed.bias, PRIOR_BIAS)
         self.bbox_embed = mlp(d, d, 4, 3)
+
+    query_rows = DetrBase.query_rows  # DAB-DETR's query code (reused unbound below) reads its rows through this
 
     def matching_queries(self, memory, proposals):
         return DABDETR.matching_queries(self, memory.src.shape[0])
