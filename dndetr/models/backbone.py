@@ -1,4 +1,8 @@
-"""ResNet backbone with frozen batch norm, as in DETR: only C5 is used, the stem and layer1 stay frozen."""
+"""ResNet backbone with frozen batch norm, as in DETR: only C5 is used, the stem and layer1 stay frozen.
+
+The convolutions run channels_last (NHWC) by default: oneDNN's and cuDNN's NHWC kernels are faster than NCHW ones
+(measured in docs/benchmarks.md). Only the memory layout of the weights and activations changes, not their values.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +34,7 @@ def load_resnet_weights(resnet: nn.Module, path: str) -> None:
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: BackboneConfig, train_backbone: bool = True):
+    def __init__(self, cfg: BackboneConfig, train_backbone: bool = True, channels_last: bool = True):
         super().__init__()
         if cfg.dilation and cfg.name in ("resnet18", "resnet34"):
             raise ConfigError(f"model.backbone.dilation=True is invalid for {cfg.name}: DC5 needs resnet50/101")
@@ -47,8 +51,17 @@ class Backbone(nn.Module):
         self.body = IntermediateLayerGetter(resnet, return_layers={cfg.output_layer: "0"})
         basic = cfg.name in ("resnet18", "resnet34")
         self.num_channels = {"layer3": 256 if basic else 1024, "layer4": 512 if basic else 2048}[cfg.output_layer]
+        self.set_channels_last(channels_last)
+
+    def set_channels_last(self, enabled: bool) -> None:
+        """Lay the convolution weights (and, in forward, the images) out as NHWC, or back as NCHW."""
+        self.channels_last = enabled
+        self.body.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor):
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        # The features stay NHWC: the model's 1x1 input projection then flattens them to [B, HW, d] without a copy.
         features = self.body(images)["0"]
         mask = F.interpolate(masks[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
         return features, mask
