@@ -24,6 +24,7 @@ from dndetr.models import build_model
 
 NUM_CLASSES = 91  # COCO: max category id + 1
 MODEL_NAMES = ("detr", "conditional", "dab")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COUNT_OFFSETS = (-2, 2, -1, 1, 0)
 
 # Differences from ModelConfig/MatcherConfig defaults, from each paper's official main.py (shared spec models.md).
@@ -36,11 +37,11 @@ OFFICIAL = {
 }
 
 
-def parse_names(text: str, allowed=MODEL_NAMES) -> List[str]:
+def parse_names(text: str, allowed=MODEL_NAMES, option: str = "--models") -> List[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in allowed]
     if bad or not names:
-        raise ValueError(f"--models={text!r} is invalid: use a comma-separated subset of {','.join(allowed)}")
+        raise ValueError(f"{option}={text!r} is invalid: use a comma-separated subset of {','.join(allowed)}")
     return names
 
 
@@ -106,7 +107,24 @@ def peer_labels(targets: List[dict]) -> List[dict]:
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
+    """The engine's optimizer, for both sides: fused AdamW (one kernel for all parameters)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4,
+                             fused=True)
+
+
+def autocast(precision: str, device: str):
+    """bf16: torch.autocast around forward and loss (backward and optimizer outside), for ours and the peer."""
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=PRECISIONS[precision] is torch.bfloat16)
+
+
+def set_channels_last(ours, peer, enabled: bool) -> None:
+    """NHWC or NCHW backbone weights on both sides (the images follow in ``as_input``)."""
+    ours.backbone.set_channels_last(enabled)
+    peer.get_submodule("model.backbone").to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+
+def as_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def optimizer_step(model, optimizer, loss: torch.Tensor) -> None:
@@ -116,14 +134,42 @@ def optimizer_step(model, optimizer, loss: torch.Tensor) -> None:
     optimizer.step()
 
 
-def our_step(model, criterion, optimizer, images, masks, targets) -> None:
-    losses = criterion(model(images, masks, targets), targets)
-    optimizer_step(model, optimizer, sum(losses.values()))
-
-
-def peer_step(model, optimizer, images, masks, targets) -> None:
-    loss = model(pixel_values=images, pixel_mask=(~masks).long(), labels=peer_labels(targets)).loss
+def our_step(model, criterion, optimizer, images, masks, targets, precision: str = "fp32") -> None:
+    with autocast(precision, images.device.type):
+        loss = sum(criterion(model(images, masks, targets), targets).values())
     optimizer_step(model, optimizer, loss)
+
+
+def peer_step(model, optimizer, images, masks, targets, precision: str = "fp32") -> None:
+    with autocast(precision, images.device.type):
+        loss = model(pixel_values=images, pixel_mask=(~masks).long(), labels=peer_labels(targets)).loss
+    optimizer_step(model, optimizer, loss)
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """FLOPs of everything ``fn`` runs (matmuls, convolutions, attention; forward and backward) as counted by
+    torch.utils.flop_counter, which has no formula for SDPA's fused CPU kernels: they get SDPA's usual one here."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    cpu_sdpa = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(grad, q, k,
+                                                                                                         v),
+    }
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_ceiling(precision: str, device: str, size: int = 2048, repeats: int = 5) -> float:
+    """The best FLOP/s of a square matmul at this precision: the compute roof of the roofline columns."""
+    dtype = PRECISIONS[precision]
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    best = min(timed(lambda: a @ b, device) for _ in range(repeats + 1))
+    return 2 * size ** 3 / best
 
 
 def sync(device: str) -> None:
