@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (Stopwatch, build_ours, check_run_args, make_batch, make_optimizer,  # noqa: E402
-                               median, our_step, patched, save_results, timed)
+from benchmarks.common import (PRECISIONS, Stopwatch, build_ours, check_run_args, make_batch,  # noqa: E402
+                               make_optimizer, median, our_step, patched, save_results, timed)
 from dndetr.criterion import SetCriterion  # noqa: E402
 from dndetr.dn import Denoising  # noqa: E402
 from dndetr.matcher import HungarianMatcher  # noqa: E402
@@ -48,7 +48,8 @@ def run(args) -> dict:
         for i in range(args.warmup + args.repeats):
             for groups, (model, criterion, optimizer) in configs.items():
                 torch.manual_seed(i)  # the same DN noise for every configuration with the same group count
-                elapsed = timed(lambda: our_step(model, criterion, optimizer, images, masks, targets), args.device)
+                elapsed = timed(lambda: our_step(model, criterion, optimizer, images, masks, targets, args.precision),
+                                args.device)
                 dn_time, match_time = dn_watch.take(), match_watch.take()
                 if i >= args.warmup:
                     step[groups].append(elapsed)
@@ -97,6 +98,7 @@ def main(argv=None) -> None:
     parser.add_argument("--objects", type=int, default=7, help="mean boxes per image (COCO: about 7)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="bf16: autocast")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     try:

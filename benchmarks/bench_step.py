@@ -18,7 +18,9 @@ when auxiliary_loss=True (the official models do not), so only speed is comparab
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,6 +40,15 @@ def peer_matchers():
     from transformers.loss.loss_deformable_detr import DeformableDetrHungarianMatcher
     from transformers.loss.loss_for_object_detection import HungarianMatcher as DetrHungarianMatcher
     return DetrHungarianMatcher, DeformableDetrHungarianMatcher
+
+
+@contextmanager
+def watching_matchers(watches: dict):
+    """Time our matcher's and transformers' matchers' calls into ``watches["ours"]`` and ``watches["peer"]``."""
+    detr_matcher, deformable_matcher = peer_matchers()
+    with patched(HungarianMatcher, "__call__", watches["ours"]), \
+            patched(detr_matcher, "forward", watches["peer"]), patched(deformable_matcher, "forward", watches["peer"]):
+        yield
 
 
 def alternate(runs: dict, args, watches: dict = None) -> dict:
@@ -69,6 +80,16 @@ def summarise(prefix: str, times: dict) -> dict:
     return out
 
 
+def step_row(row: dict, times: dict, result: dict, ceilings: dict) -> dict:
+    row.update(summarise("step", times))
+    for who in ("ours", "peer"):
+        row[f"matching_share_{who}"] = median([m / s for m, s in zip(times[f"{who}_watched"], times[who])])
+        # The step at the matmul ceiling, and how close the measured step comes to it.
+        row[f"roofline_{who}_s"] = result[f"flops_{who}"] / ceilings[row["precision"]]
+        row[f"roofline_share_{who}"] = row[f"roofline_{who}_s"] / row[f"step_{who}_s"]
+    return row
+
+
 def bench_model(name: str, args, ceilings: dict) -> dict:
     torch.manual_seed(0)
     images, masks, targets = make_batch(args.batch, args.size, args.objects, args.device)
@@ -87,30 +108,20 @@ def bench_model(name: str, args, ceilings: dict) -> dict:
     result["flops_ours"] = count_flops(lambda: our_step(ours, criterion, make_optimizer(ours), images, masks, targets))
     result["flops_peer"] = count_flops(lambda: peer_step(any_peer, make_optimizer(any_peer), images, masks, targets))
 
-    ours_watch, peer_watch = Stopwatch(args.device), Stopwatch(args.device)
-    detr_matcher, deformable_matcher = peer_matchers()
-    for channels_last in args.channels_last:
-        inputs = as_input(images, channels_last)
-        for precision in args.precision:
+    watches = {"ours": Stopwatch(args.device), "peer": Stopwatch(args.device)}
+    with watching_matchers(watches):
+        for channels_last, precision in itertools.product(args.channels_last, args.precision):
+            inputs = as_input(images, channels_last)
             for dropout, peer in peers.items():
                 set_channels_last(ours, peer, channels_last)
                 our_opt, peer_opt = make_optimizer(ours), make_optimizer(peer)  # state in the current layout
                 runs = {"ours": lambda: our_step(ours, criterion, our_opt, inputs, masks, targets, precision),
                         "peer": lambda: peer_step(peer, peer_opt, inputs, masks, targets, precision)}
-                with patched(HungarianMatcher, "__call__", ours_watch), \
-                        patched(detr_matcher, "forward", peer_watch), patched(deformable_matcher, "forward", peer_watch):
-                    times = alternate(runs, args, {"ours": ours_watch, "peer": peer_watch})
-                row = {"precision": precision, "dropout": dropout, "channels_last": channels_last,
-                       **summarise("step", times)}
-                for who in ("ours", "peer"):
-                    row[f"matching_share_{who}"] = median([m / s for m, s in zip(times[f"{who}_watched"], times[who])])
-                    # The step at the matmul ceiling, and how close the measured step comes to it.
-                    row[f"roofline_{who}_s"] = result[f"flops_{who}"] / ceilings[precision]
-                    row[f"roofline_share_{who}"] = row[f"roofline_{who}_s"] / row[f"step_{who}_s"]
-                result["variants"].append(row)
+                row = {"precision": precision, "dropout": dropout, "channels_last": channels_last}
+                result["variants"].append(step_row(row, alternate(runs, args, watches), result, ceilings))
+            infer = infer_times(ours, any_peer, inputs, masks, precision, args)
             result["inference"].append({"precision": precision, "channels_last": channels_last,
-                                        **summarise("infer", infer_times(ours, any_peer, inputs, masks, precision,
-                                                                         args))})
+                                        **summarise("infer", infer)})
             ours.train(), any_peer.train()
     equal = [r for r in result["variants"] if r["dropout"] == "matched"] or result["variants"]
     result["step_ratio"] = equal[0]["step_ratio"]  # ours/peer at equal settings (dropout matched)
