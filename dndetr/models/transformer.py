@@ -80,10 +80,11 @@ def attention(q, k, v, nheads: int, dropout_p: float, attn_mask=None, padding_ma
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
     else:
         # SDPA's CPU kernels cannot drop attention weights (it would fall back to this same math with slow masks).
-        weights = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+        # Both scalings go to the smaller operands: q before the product, 1 / (1 - p) on the output.
+        weights = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         if blocked is not None:
             weights = weights.masked_fill(blocked, float("-inf"))
-        out = dropout(weights.softmax(-1), dropout_p, True) @ v
+        out = (weights.softmax(-1) * keep_mask(weights, dropout_p)) @ v * (1.0 / (1.0 - dropout_p))
     return out.transpose(1, 2).reshape(B, Nq, -1)
 
 
