@@ -6,14 +6,15 @@ BENCH ?= $(wildcard benchmarks/bench_*.py)
 
 .PHONY: demo test bench
 
-# The instability study at its smallest useful size: 4 arms x 2 seeds, 5 short epochs each, then the analysis.
+# The instability study at its smallest useful size: 4 arms x 2 seeds, 5 short epochs each, then the analysis
+# with the paper's claims (claims.md) and convergence measured against DAB-DETR's final AP.
 STUDY := experiment=study_detr,study_dab,study_dn_dab,study_dn_dab_nomask
 DEMO_SIZE := trainer.seed=1,2 trainer.epochs=5 data.max_train_images=160 data.max_val_images=64 trainer.progress=false
 DEMO_DIR := multirun/demo_$(shell date +%Y%m%d_%H%M%S)
 
 demo: $(VENV)/.installed-base
 	$(PY) train.py -m $(STUDY) $(DEMO_SIZE) hydra.sweep.dir=$(DEMO_DIR)
-	$(PY) analysis/instability.py $(DEMO_DIR)
+	$(PY) analysis/instability.py $(DEMO_DIR) --claims conf/study/dn_study.yaml --reference experiment=study_dab
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest

@@ -1,6 +1,7 @@
 """Train (or evaluate) a DETR-family detector: ``python train.py [overrides]``; ``-m`` for sweeps."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -15,20 +16,22 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dndetr.config import ConfigError, register_configs, validate
 from dndetr.data import DataError
-from dndetr.engine import CheckpointError, NonFiniteLossError, evaluate_only, train
+from dndetr.files import RunFileError, describe_os_error
+from dndetr.trainer import CheckpointError, EvaluationError, NonFiniteLossError, evaluate_only, train
 
 log = logging.getLogger("dndetr")
 register_configs()
 
 # A user's mistake or a numerical blow-up gets one line, not a traceback.
-EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError)
+EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, NonFiniteLossError, EvaluationError, RunFileError)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    (run_dir / "error.txt").unlink(missing_ok=True)  # a resumed run that now works is no longer a failed one
+    with contextlib.suppress(OSError):
+        (run_dir / "error.txt").unlink(missing_ok=True)  # a resumed run that now works is no longer a failed one
     try:
         config = validate(cfg)
         if config.trainer.eval_only:
@@ -38,7 +41,8 @@ def main(cfg: DictConfig):
         rows = train(config, run_dir)
     except EXPECTED_ERRORS as err:
         message = f"error: {error_line(err)}"
-        (run_dir / "error.txt").write_text(message + "\n")
+        with contextlib.suppress(OSError):  # an unwritable run folder is the error itself
+            (run_dir / "error.txt").write_text(message + "\n")
         if multirun:  # let the other jobs of the sweep run; the analysis reports this one as failed
             log.error(message)
             return None
@@ -92,4 +96,8 @@ if __name__ == "__main__":
             main()
         except CompactHydraException as err:
             print(f"error: {composition_error_line(err)}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as err:  # Hydra could not create or write the run folder
+            where = f" {err.filename}" if err.filename else ""
+            print(f"error: cannot write the run folder{where}: {describe_os_error(err)}", file=sys.stderr)
             sys.exit(2)

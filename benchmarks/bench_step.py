@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (PRECISIONS, Stopwatch, as_input, autocast, build_ours, build_peer,  # noqa: E402
                                check_run_args, count_flops, make_batch, make_optimizer, matmul_ceiling, median,
-                               our_step, parse_names, patched, peer_step, save_results, set_channels_last, timed)
-from dndetr.matcher import HungarianMatcher  # noqa: E402
+                               our_step, parse_names, patched, peer_step, registered_models, save_results,
+                               set_channels_last, timed, watching_our_matcher)
 
 DROPOUTS = ("default", "matched")
 
@@ -46,7 +46,7 @@ def peer_matchers():
 def watching_matchers(watches: dict):
     """Time our matcher's and transformers' matchers' calls into ``watches["ours"]`` and ``watches["peer"]``."""
     detr_matcher, deformable_matcher = peer_matchers()
-    with patched(HungarianMatcher, "__call__", watches["ours"]), \
+    with watching_our_matcher(watches["ours"]), \
             patched(detr_matcher, "forward", watches["peer"]), patched(deformable_matcher, "forward", watches["peer"]):
         yield
 
@@ -157,7 +157,8 @@ def print_tables(results) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="detr,conditional,dab")
+    parser.add_argument("--models", default=",".join(registered_models(with_peer=True)),
+                        help="comma-separated registered models that have a transformers peer")
     parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
     parser.add_argument("--dropout", default="default,matched",
                         help="comma-separated: default (each library's), matched (the peer gets ours everywhere)")
@@ -173,7 +174,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     try:
-        names = parse_names(args.models)
+        names = parse_names(args.models, registered_models(with_peer=True))
         args.precision = parse_names(args.precision, tuple(PRECISIONS), "--precision")
         args.dropout = parse_names(args.dropout, DROPOUTS, "--dropout")
     except ValueError as err:

@@ -6,7 +6,7 @@ training starts), so every bad value fails with one line naming the key, the val
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -44,7 +44,8 @@ class BackboneConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "detr"
+    """What every model has. A model's own schema extends this in the model's module (see models/registry.py)."""
+    name: str = ""  # the registry name; set by conf/model/<name>.yaml
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     hidden_dim: int = 256
     nheads: int = 8
@@ -55,34 +56,42 @@ class ModelConfig:
     activation: str = "relu"
     num_queries: int = 100
     aux_loss: bool = True
-    pe_temperature: float = 10000.0  # image positional encoding; DAB-DETR uses 20
-    num_patterns: int = 0  # DAB-DETR only
-    random_refpoints_xy: bool = False  # DAB-DETR only
+    pe_temperature: float = 10000.0  # image positional encoding (DAB-DETR uses 20)
     num_select: int = 100  # detections kept per image by the post-processor
-    # losses (the matcher's costs live in the matcher group)
-    class_loss: str = "ce"  # "ce": softmax + no-object class (DETR); "focal": sigmoid focal (Conditional, DAB)
-    loss_class: float = 1.0
-    loss_bbox: float = 5.0
-    loss_giou: float = 2.0
-    eos_coef: float = 0.1
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
     init_from: Optional[str] = None  # our checkpoint or an official .pth, loaded strictly
 
     def __post_init__(self) -> None:
-        check_choice("model.name", self.name, ("detr", "conditional", "dab"))
+        from .models.registry import MODELS  # the registry imports this module
+
+        if type(self) is not ModelConfig:  # the bare base is only the placeholder until a model group is chosen
+            check_choice("model.name", self.name, tuple(sorted(MODELS)))
         check_choice("model.activation", self.activation, ("relu", "prelu", "gelu"))
-        check_choice("model.class_loss", self.class_loss, ("ce", "focal"))
         for key in ("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "num_select"):
             check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
         check(self.hidden_dim % self.nheads == 0, "model.hidden_dim", self.hidden_dim, "must be divisible by model.nheads")
         check(self.hidden_dim % 2 == 0, "model.hidden_dim", self.hidden_dim, "must be even (sine encoding)")
         check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
-        check(self.num_patterns >= 0, "model.num_patterns", self.num_patterns, "must be >= 0")
         check(self.pe_temperature > 0, "model.pe_temperature", self.pe_temperature, "must be > 0")
-        for key in ("loss_class", "loss_bbox", "loss_giou", "eos_coef"):
-            check(getattr(self, key) >= 0, f"model.{key}", getattr(self, key), "must be >= 0")
-        check(0.0 <= self.focal_alpha <= 1.0, "model.focal_alpha", self.focal_alpha, "must be in [0, 1]")
+
+
+@dataclass
+class LossConfig:
+    """The criterion's settings. The matcher derives its class-cost type and focal parameters from these, so the
+    matching cost and the loss always agree; the matcher group holds only the cost weights."""
+    class_loss: str = "ce"  # "ce": softmax + no-object class (DETR); "focal": sigmoid focal (Conditional, DAB)
+    weight_class: float = 1.0
+    weight_bbox: float = 5.0
+    weight_giou: float = 2.0
+    eos_coef: float = 0.1  # weight of the no-object class in the CE loss
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    giou_eps: float = 0.0  # added to IoU/GIoU denominators: 1e-6 in DAB-DETR's and DN-DETR's code, 0 in DETR's
+
+    def __post_init__(self) -> None:
+        check_choice("loss.class_loss", self.class_loss, ("ce", "focal"))
+        for key in ("weight_class", "weight_bbox", "weight_giou", "eos_coef", "focal_gamma", "giou_eps"):
+            check(getattr(self, key) >= 0, f"loss.{key}", getattr(self, key), "must be >= 0")
+        check(0.0 <= self.focal_alpha <= 1.0, "loss.focal_alpha", self.focal_alpha, "must be in [0, 1]")
 
 
 @dataclass
@@ -90,44 +99,12 @@ class MatcherConfig:
     cost_class: float = 1.0
     cost_bbox: float = 5.0
     cost_giou: float = 2.0
-    class_cost: str = "softmax"  # "softmax": -p[class] (DETR); "focal": focal-loss difference (Conditional, DAB)
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
 
     def __post_init__(self) -> None:
-        check_choice("matcher.class_cost", self.class_cost, ("softmax", "focal"))
         for key in ("cost_class", "cost_bbox", "cost_giou"):
             check(getattr(self, key) >= 0, f"matcher.{key}", getattr(self, key), "must be >= 0")
         costs = (self.cost_class, self.cost_bbox, self.cost_giou)
         check(any(c > 0 for c in costs), "matcher.cost_class/cost_bbox/cost_giou", costs, "at least one cost must be > 0")
-
-
-@dataclass
-class DNConfig:
-    groups: int = 0  # 0 turns denoising off exactly
-    box_noise: float = 0.4  # sets both center_shift (lambda1) and box_scale (lambda2) unless they are given
-    center_shift: Optional[float] = None
-    box_scale: Optional[float] = None
-    label_noise: float = 0.2
-    attn_mask: bool = True
-    loss_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        check(self.groups >= 0, "dn.groups", self.groups, "must be an integer >= 0 (0 = off)")
-        check(0.0 <= self.box_noise < 1.0, "dn.box_noise", self.box_noise, "must be in [0, 1)")
-        for key in ("center_shift", "box_scale"):
-            value = getattr(self, key)
-            check(value is None or 0.0 <= value < 1.0, f"dn.{key}", value, "must be null or in [0, 1)")
-        check(0.0 <= self.label_noise <= 1.0, "dn.label_noise", self.label_noise, "must be in [0, 1]")
-        check(self.loss_weight >= 0, "dn.loss_weight", self.loss_weight, "must be >= 0")
-
-    @property
-    def lambda1(self) -> float:
-        return self.box_noise if self.center_shift is None else self.center_shift
-
-    @property
-    def lambda2(self) -> float:
-        return self.box_noise if self.box_scale is None else self.box_scale
 
 
 @dataclass
@@ -157,6 +134,9 @@ class DataConfig:
     root: str = ".cache/synthetic"
     train_split: str = "train2017"  # COCO layout: <root>/<split>/ images, <root>/annotations/instances_<split>.json
     val_split: str = "val2017"
+    # annotation files relative to root (Roboflow: <split>/_annotations.coco.json); null = the COCO layout's
+    train_ann: Optional[str] = None
+    val_ann: Optional[str] = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # DETR augmentation, scalable for CPU runs: shorter side drawn from train_scales, longer side <= max_size
     train_scales: List[int] = field(default_factory=lambda: list(range(480, 801, 32)))
@@ -177,6 +157,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_choice("data.name", self.name, ("synthetic", "coco"))
         check(bool(self.root), "data.root", self.root, "must name the dataset folder (data=coco needs data.root=...)")
+        for key in ("train_ann", "val_ann"):
+            check(getattr(self, key) != "", f"data.{key}", getattr(self, key),
+                  "must name a file relative to data.root, or be null for annotations/instances_<split>.json")
         check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
         check(self.val_batch_size >= 1, "data.val_batch_size", self.val_batch_size, "must be >= 1")
         check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
@@ -209,7 +192,8 @@ class TrainerConfig:
     epochs: int = 300
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
-    amp: bool = False  # bf16/fp16 autocast with a grad scaler, GPU only
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast precision (fp16 on CUDA only, with a grad scaler)
+    compile: bool = False  # torch.compile the model (its compile time is logged)
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     checkpoint_every_iters: int = 0  # extra mid-epoch checkpoints; 0 = only at epoch ends
     progress: bool = True
@@ -221,6 +205,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1")
         check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("trainer.precision", self.precision, ("fp32", "bf16", "fp16"))
         check(self.eval_every >= 1, "trainer.eval_every", self.eval_every, "must be >= 1")
         check(self.checkpoint_every_iters >= 0, "trainer.checkpoint_every_iters", self.checkpoint_every_iters, "must be >= 0")
         check(self.threads >= 0, "trainer.threads", self.threads, "must be >= 0")
@@ -243,26 +228,45 @@ class InstabilityConfig:
 
 @dataclass
 class Config:
+    """The composed configuration. Query plug-ins (dn, ...) add their own groups: see :func:`config_class`."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
-    dn: DNConfig = field(default_factory=DNConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     instability: InstabilityConfig = field(default_factory=InstabilityConfig)
 
-    def __post_init__(self) -> None:
-        if self.model.class_loss == "focal" and self.matcher.class_cost != "focal":
-            raise ConfigError(f"matcher.class_cost={self.matcher.class_cost!r} is invalid: model.class_loss=focal "
-                              "needs matcher=focal")
+
+CORE_GROUPS = {"model": ModelConfig, "loss": LossConfig, "matcher": MatcherConfig, "data": DataConfig,
+               "optim": OptimConfig, "trainer": TrainerConfig, "instability": InstabilityConfig}
+_CONFIG_CLASS = None
+
+
+def config_class() -> type:
+    """:class:`Config` plus one field per registered query plug-in (its config group and schema), made once."""
+    global _CONFIG_CLASS
+    if _CONFIG_CLASS is None:
+        from .plugins import PLUGINS  # importing the package registers every plug-in
+
+        plugin_fields = [(p.group, p.schema, field(default_factory=p.schema)) for p in PLUGINS.values()]
+        _CONFIG_CLASS = make_dataclass("Config", plugin_fields, bases=(Config,))
+    return _CONFIG_CLASS
 
 
 def register_configs() -> None:
+    """Store the schemas under ``schema/<group>/``, out of the way of each group's user-facing options."""
+    from .models import MODELS  # importing the package registers every model
+    from .plugins import PLUGINS
+
     cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    for group, node in (("model", ModelConfig), ("matcher", MatcherConfig), ("dn", DNConfig), ("data", DataConfig),
-                        ("optim", OptimConfig), ("trainer", TrainerConfig), ("instability", InstabilityConfig)):
-        cs.store(group=group, name=f"{group}_schema", node=node)
+    cs.store(name="config_schema", node=config_class())
+    for group, node in CORE_GROUPS.items():
+        cs.store(group=f"schema/{group}", name="base", node=node)
+    for name, entry in MODELS.items():
+        cs.store(group="schema/model", name=name, node=entry.schema)
+    for plugin in PLUGINS.values():
+        cs.store(group=f"schema/{plugin.group}", name="base", node=plugin.schema)
 
 
 def reject_unknown_keys(node: Any, prefix: str = "") -> None:

@@ -1,8 +1,9 @@
-"""Set criterion (Hungarian losses, aux losses, DN reconstruction losses) and post-processing.
+"""Set criterion (Hungarian losses on the matching queries, aux losses, the query plug-ins' own losses) and
+post-processing. ``build_criterion(cfg, num_classes)`` assembles matcher and criterion from the ``loss`` and
+``matcher`` groups, so the matching cost and the loss always use the same class-probability model.
 
-Every loss is a sum normalised by the number of target boxes (all-reduced across ranks for the Hungarian part;
-per rank for DN, as the official DN-DETR does). CE models use a weighted mean over queries with the no-object
-class down-weighted by ``eos_coef``, as DETR does.
+Every loss is a sum normalised by the number of target boxes (all-reduced across ranks for the Hungarian part).
+CE models use a weighted mean over queries with the no-object class down-weighted by ``eos_coef``, as DETR does.
 """
 from __future__ import annotations
 
@@ -12,12 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+from torchvision.ops import sigmoid_focal_loss
 
-from .config import ModelConfig
+from .boxes import cxcywh_to_xyxy, paired_generalized_box_iou
+from .config import LossConfig
 from .matcher import HungarianMatcher
-
-TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 
 
 def global_box_count(targets: List[dict], device) -> float:
@@ -29,11 +29,10 @@ def global_box_count(targets: List[dict], device) -> float:
 
 
 class SetCriterion(nn.Module):
-    def __init__(self, matcher: HungarianMatcher, num_classes: int, cfg: ModelConfig, dn_loss_weight: float = 1.0):
+    def __init__(self, matcher: HungarianMatcher, num_classes: int, cfg: LossConfig):
         super().__init__()
         self.matcher, self.num_classes, self.cfg = matcher, num_classes, cfg
-        self.weights = {"loss_ce": cfg.loss_class, "loss_bbox": cfg.loss_bbox, "loss_giou": cfg.loss_giou}
-        self.dn_loss_weight = dn_loss_weight
+        self.weights = {"loss_ce": cfg.weight_class, "loss_bbox": cfg.weight_bbox, "loss_giou": cfg.weight_giou}
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = cfg.eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
@@ -45,11 +44,10 @@ class SetCriterion(nn.Module):
         onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
         return sigmoid_focal_loss(logits, onehot, self.cfg.focal_alpha, self.cfg.focal_gamma, "sum") / normaliser
 
-    @staticmethod
-    def box_losses(pred: torch.Tensor, target: torch.Tensor, normaliser: float):
+    def box_losses(self, pred: torch.Tensor, target: torch.Tensor, normaliser: float):
+        """L1 and 1 - GIoU of paired cxcywh boxes, summed and normalised."""
         l1 = F.l1_loss(pred, target, reduction="sum") / normaliser
-        giou = torch.diag(generalized_box_iou(box_convert(pred, "cxcywh", "xyxy"),
-                                              box_convert(target, "cxcywh", "xyxy")))
+        giou = paired_generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target), self.cfg.giou_eps)
         return l1, (1 - giou).sum() / normaliser
 
     def matching_losses(self, outputs: dict, targets: List[dict], num_boxes: float) -> Dict[str, torch.Tensor]:
@@ -64,34 +62,23 @@ class SetCriterion(nn.Module):
         l1, giou = self.box_losses(boxes[image, query], matched_boxes, num_boxes)
         return {"loss_ce": self.class_loss(logits, target_classes, num_boxes), "loss_bbox": l1, "loss_giou": giou}
 
-    def dn_losses(self, dn: dict, num_aux: int) -> Dict[str, Dict[str, torch.Tensor]]:
-        """Reconstruction losses on the real DN slots of the last layer and the ``num_aux`` layers before it (the
-        same layers as the Hungarian losses); no matching: slot k's target is fixed by construction."""
-        num_layers, num_dn = dn["logits"].shape[0], len(dn["labels"])
-        per_layer = {}
-        for layer in range(num_layers - 1 - num_aux, num_layers):
-            suffix = "" if layer == num_layers - 1 else f"_{layer}"
-            if num_dn == 0:  # keep the DN branch in the graph so every parameter gets a (zero) gradient
-                zero = dn["logits"][layer].sum() * 0 + dn["pred_boxes"][layer].sum() * 0
-                per_layer[suffix] = {term: zero for term in TERMS}
-                continue
-            logits = dn["logits"][layer][dn["image"], dn["slot"]]
-            boxes = dn["pred_boxes"][layer][dn["image"], dn["slot"]]
-            l1, giou = self.box_losses(boxes, dn["boxes"], num_dn)
-            per_layer[suffix] = {"loss_ce": self.class_loss(logits[None], dn["labels"][None], num_dn),
-                                 "loss_bbox": l1, "loss_giou": giou}
-        return per_layer
-
     def forward(self, outputs: dict, targets: List[dict]) -> Dict[str, torch.Tensor]:
-        """Weighted loss terms (``loss_ce``, ``loss_bbox_0``, ``dn_loss_giou``, ...); the training loss is their sum."""
+        """Weighted loss terms (``loss_ce``, ``loss_bbox_0``, ``dn_loss_giou``, ...); the training loss is their sum.
+        Terms of the query plug-ins' blocks carry the plug-in's prefix."""
         num_boxes = global_box_count(targets, outputs["pred_logits"].device)
         layers = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
-        groups = [("", suffix, self.matching_losses(out, targets, num_boxes), 1.0) for suffix, out in layers]
-        if "dn" in outputs:
-            groups += [("dn_", suffix, terms, self.dn_loss_weight)
-                       for suffix, terms in self.dn_losses(outputs["dn"], len(layers) - 1).items()]
-        return {prefix + term + suffix: value * self.weights[term] * factor
-                for prefix, suffix, terms, factor in groups for term, value in terms.items()}
+        losses = {term + suffix: value * self.weights[term]
+                  for suffix, out in layers for term, value in self.matching_losses(out, targets, num_boxes).items()}
+        for block in outputs.get("query_blocks", []):
+            prefix = block.plugin.group + "_"
+            losses.update({prefix + name: value
+                           for name, value in block.plugin.loss(block, targets, self, len(layers)).items()})
+        return losses
+
+
+def build_criterion(cfg, num_classes: int) -> SetCriterion:
+    """The matcher and criterion of a composed configuration (engine, benchmarks and tests use this one place)."""
+    return SetCriterion(HungarianMatcher(cfg.matcher, cfg.loss), num_classes, cfg.loss)
 
 
 @torch.no_grad()
@@ -108,5 +95,5 @@ def postprocess(outputs: dict, target_sizes: torch.Tensor, class_loss: str, num_
         boxes = torch.gather(boxes, 1, (flat // num_classes)[..., None].expand(-1, -1, 4))
     h, w = target_sizes.unbind(1)
     scale = torch.stack((w, h, w, h), dim=1)[:, None, :].to(boxes.dtype)
-    boxes = box_convert(boxes, "cxcywh", "xyxy") * scale
+    boxes = cxcywh_to_xyxy(boxes) * scale
     return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]

@@ -10,17 +10,19 @@ where prev is the previous recorded epoch. Storage and normalisation are describ
 from __future__ import annotations
 
 import os
-import random
 import re
-import tempfile
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from .evaluation import eval_mode
+from .files import atomic_write
+from .rng import preserved_rng
+from .sampling import targets_to
 
 MATCHINGS_DIR = "matchings"
 EPOCH_FILE = re.compile(r"^epoch_(\d+)\.npz$")
@@ -122,19 +124,7 @@ def save_epoch(run_dir, epoch: int, image_ids, assign, cost, num_objects, layers
               "layers": np.asarray(layers, dtype=np.int64)}
     path = epoch_path(run_dir, epoch)
     _check_shapes(path, **arrays)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def load_epoch(run_dir, epoch: int, with_cost: bool = True) -> MatchingRecord:
@@ -200,22 +190,6 @@ def instability_series(run_dir) -> List[Dict[str, float]]:
 # recording
 
 
-@contextmanager
-def preserved_rng(device: torch.device) -> Iterator[None]:
-    """Restore every RNG afterwards: iterating a DataLoader draws a seed from the global torch generator."""
-    states = (torch.random.get_rng_state(), random.getstate(), np.random.get_state())
-    cuda = device.type == "cuda" and torch.cuda.is_initialized()
-    cuda_states = torch.cuda.get_rng_state_all() if cuda else None
-    try:
-        yield
-    finally:
-        torch.random.set_rng_state(states[0])
-        random.setstate(states[1])
-        np.random.set_state(states[2])
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda_states)
-
-
 def decoder_layer_outputs(outputs: dict, all_layers: bool, num_layers: Optional[int]) -> Tuple[List[dict], List[int]]:
     """The {pred_logits, pred_boxes} dicts to match and their decoder layer indices, the last layer last."""
     aux = outputs.get("aux_outputs") or []
@@ -273,14 +247,8 @@ def record_matchings(model, loader, matcher, device, all_layers: bool = False, n
     training.
     """
     device = torch.device(device)
-    was_training = model.training
     recorder = MatchingRecorder(matcher, all_layers, num_layers)
-    model.eval()
-    try:
-        with preserved_rng(device):
-            for images, masks, targets in loader:
-                targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-                recorder.add(model(images.to(device), masks.to(device)), targets)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), preserved_rng():
+        for images, masks, targets in loader:
+            recorder.add(model(images.to(device), masks.to(device)), targets_to(targets, device))
     return recorder.result()

@@ -1,7 +1,8 @@
 """Hungarian matching between predictions and ground truth (scipy's linear_sum_assignment, one image at a time).
 
-Cost = cost_class * class cost + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU). The class cost is -p[class] with
-softmax probabilities (DETR) or the focal-loss difference pos - neg on sigmoid probabilities (Conditional, DAB).
+Cost = cost_class * class cost + cost_bbox * L1(cxcywh) + cost_giou * (-GIoU). The class cost follows the loss
+(``loss.class_loss``): -p[class] with softmax probabilities for the CE loss (DETR), the focal-loss difference pos - neg
+on sigmoid probabilities for the focal loss (Conditional, DAB), with the loss's alpha, gamma and GIoU epsilon.
 """
 from __future__ import annotations
 
@@ -9,21 +10,20 @@ from typing import List, Tuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
-from torchvision.ops import box_convert, generalized_box_iou
-
-from .config import MatcherConfig
+from .boxes import cxcywh_to_xyxy, generalized_box_iou
+from .config import LossConfig, MatcherConfig
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
 class HungarianMatcher:
-    def __init__(self, cfg: MatcherConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: MatcherConfig, loss: LossConfig):
+        self.cfg, self.loss = cfg, loss
 
     def class_cost(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.cfg.class_cost == "softmax":
+        if self.loss.class_loss == "ce":
             return -logits.softmax(-1)[:, labels]
-        alpha, gamma = self.cfg.focal_alpha, self.cfg.focal_gamma
+        alpha, gamma = self.loss.focal_alpha, self.loss.focal_gamma
         prob = logits.sigmoid()[:, labels]
         negative = (1 - alpha) * prob ** gamma * -(1 - prob + 1e-8).log()
         positive = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
@@ -44,8 +44,8 @@ class HungarianMatcher:
         logits, boxes = logits.flatten(0, 2).float(), boxes.flatten(0, 2).float()
         cost = (self.cfg.cost_bbox * torch.cdist(boxes, target_boxes, p=1)
                 + self.cfg.cost_class * self.class_cost(logits, labels)
-                - self.cfg.cost_giou * generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"),
-                                                           box_convert(target_boxes, "cxcywh", "xyxy")))
+                - self.cfg.cost_giou * generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(target_boxes),
+                                                           self.loss.giou_eps))
         cost = cost.cpu()  # the only host sync; the finiteness check below runs on the copy
         if not torch.isfinite(cost).all():
             raise FloatingPointError("non-finite matching cost: the model's outputs contain NaN or Inf")

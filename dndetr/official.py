@@ -1,19 +1,20 @@
-"""Loading and exporting the official DETR / Conditional DETR / DAB-DETR / DN-DAB-DETR checkpoints.
+"""Loading and exporting official checkpoints (DETR, Conditional DETR, DAB-DETR, DN-DAB-DETR, ...).
 
 Our modules compute the same functions with the same tensors as the official ones; only the key names differ.
 Official key -> our key (``ours_to_official`` is the exact inverse; the table is also in docs/models.md):
 
 - ``backbone.0.body.*`` -> ``backbone.body.*``
 - ``transformer.{encoder,decoder,patterns}.*`` -> ``{encoder,decoder,patterns}.*``
-- ``<mlp>.layers.{i}.*`` -> ``<mlp>.{3*i}.*`` (torchvision's MLP: Linear, ReLU, Dropout per hidden layer)
+- ``<mlp>.layers.{i}.*`` -> ``<mlp>.{3*i}.*`` (torchvision's MLP: Linear, ReLU, Dropout per hidden layer), for the
+  MLP names the model class lists in ``official_mlps``
 - ``*.layers.{k}.{linear1,linear2,activation}.*`` -> ``*.layers.{k}.ffn.{linear1,linear2,activation}.*``
-- ``label_enc.weight`` (DN-DAB-DETR) -> ``dn.label_enc.weight``
-- ``transformer.decoder.bbox_embed.*`` (DAB-DETR: the box head itself, under a second name) -> dropped on load
-  after checking it equals ``bbox_embed.*``, written back on export
+- a query plug-in's ``official_prefixes`` (DN-DETR: ``label_enc.*`` -> ``plugins.<group>.label_enc.*``)
+- the model class's ``official_aliases`` (DAB-DETR: ``transformer.decoder.bbox_embed.*``, the box head under a
+  second name) -> dropped on load after checking they equal the tensor they alias, written back on export
 
-``<mlp>`` is any of :data:`MLP_NAMES`. Packed attention weights (``in_proj_weight`` [3d, d], q/k/v rows) need no
-conversion: our encoder layers and DETR decoder layers use ``nn.MultiheadAttention`` exactly like the originals,
-and the conditional decoder layers keep the official explicit ``*_proj`` Linears and ``out_proj``.
+Packed attention weights (``in_proj_weight`` [3d, d], q/k/v rows) need no conversion: our encoder layers and DETR
+decoder layers use ``nn.MultiheadAttention`` exactly like the originals, and the conditional decoder layers keep the
+official explicit ``*_proj`` Linears and ``out_proj``.
 """
 from __future__ import annotations
 
@@ -21,52 +22,59 @@ import argparse
 import pickle
 import re
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .config import ConfigError
+from .models.registry import model_entry
+from .plugins import PLUGINS
 
 StateDict = Dict[str, torch.Tensor]
 
-MODEL_NAMES = ("detr", "conditional", "dab")
-# Every MLP in the official models (DETR's MLP class, a ModuleList under ``layers``) and in ours (torchvision MLP).
-MLP_NAMES = ("bbox_embed", "query_scale", "ref_point_head", "ref_anchor_head", "dn_pos_head")
 MLP_STRIDE = 3  # torchvision's MLP: Linear, ReLU, Dropout, Linear, ...
-DAB_DECODER_BOX_HEAD = "transformer.decoder.bbox_embed."  # DAB-DETR's second name for the shared box head
 TRANSFORMER_PARTS = ("encoder.", "decoder.", "patterns.")
-
-_MLP = "|".join(MLP_NAMES)
-_OFFICIAL_MLP = re.compile(rf"(^|\.)({_MLP})\.layers\.(\d+)\.")
-_OUR_MLP = re.compile(rf"(^|\.)({_MLP})\.(\d+)\.")
 _OFFICIAL_FFN = re.compile(r"\.layers\.(\d+)\.(linear1|linear2|activation)\.")
 _OUR_FFN = re.compile(r"\.layers\.(\d+)\.ffn\.")
 
 
-def _check_name(model_name: str) -> None:
-    if model_name not in MODEL_NAMES:
-        raise ConfigError(f"model_name={model_name!r} is invalid: must be one of {', '.join(MODEL_NAMES)}")
+def plugin_prefixes() -> List[Tuple[str, str]]:
+    """(official prefix, our prefix) of every query plug-in's parameters."""
+    return [(official, f"plugins.{group}.{ours}") for group, cls in PLUGINS.items()
+            for official, ours in getattr(cls, "official_prefixes", {}).items()]
 
 
-def official_key_to_ours(key: str) -> str:
+def _mlp_pattern(model_name: str, ours: bool) -> re.Pattern:
+    names = "|".join(model_entry(model_name).cls.official_mlps)
+    layers = "" if ours else r"layers\."
+    return re.compile(rf"(^|\.)({names})\.{layers}(\d+)\.")
+
+
+def official_key_to_ours(key: str, model_name: str) -> str:
     if key.startswith("backbone.0.body."):
         key = "backbone.body." + key[len("backbone.0.body."):]
     elif key.startswith("transformer."):
         key = key[len("transformer."):]
-    elif key.startswith("label_enc."):
-        key = "dn." + key
-    key = _OFFICIAL_MLP.sub(lambda m: f"{m[1]}{m[2]}.{MLP_STRIDE * int(m[3])}.", key)
+    else:
+        for official, ours in plugin_prefixes():
+            if key.startswith(official):
+                key = ours + key[len(official):]
+                break
+    key = _mlp_pattern(model_name, ours=False).sub(lambda m: f"{m[1]}{m[2]}.{MLP_STRIDE * int(m[3])}.", key)
     return _OFFICIAL_FFN.sub(r".layers.\1.ffn.\2.", key)
 
 
-def our_key_to_official(key: str) -> str:
+def our_key_to_official(key: str, model_name: str) -> str:
     if key.startswith("backbone.body."):
         key = "backbone.0.body." + key[len("backbone.body."):]
     elif key.startswith(TRANSFORMER_PARTS):
         key = "transformer." + key
-    elif key.startswith("dn.label_enc."):
-        key = key[len("dn."):]
+    else:
+        for official, ours in plugin_prefixes():
+            if key.startswith(ours):
+                key = official + key[len(ours):]
+                break
 
     def mlp_index(m: re.Match) -> str:
         index = int(m[3])
@@ -74,30 +82,33 @@ def our_key_to_official(key: str) -> str:
             raise ConfigError(f"{key!r}: MLP parameters must sit at indices 0, {MLP_STRIDE}, {2 * MLP_STRIDE}, ...")
         return f"{m[1]}{m[2]}.layers.{index // MLP_STRIDE}."
 
-    key = _OUR_MLP.sub(mlp_index, key)
+    key = _mlp_pattern(model_name, ours=True).sub(mlp_index, key)
     return _OUR_FFN.sub(r".layers.\1.", key)
 
 
 def official_to_ours(state: StateDict, model_name: str) -> StateDict:
     """An official ``model`` state dict -> ours (see the module docstring for the rules)."""
-    _check_name(model_name)
-    duplicates = {k: v for k, v in state.items() if k.startswith(DAB_DECODER_BOX_HEAD)}
-    if duplicates and model_name != "dab":
-        raise ConfigError(f"{next(iter(duplicates))!r} is unexpected for model {model_name!r}: only DAB-DETR "
-                          "shares its box head with the decoder")
-    for key, value in duplicates.items():
-        head_key = key[len("transformer.decoder."):]
-        if head_key not in state or not torch.equal(state[head_key], value):
-            raise ConfigError(f"{key!r} must be the same tensor as {head_key!r} (DAB-DETR shares one box head)")
-    return {official_key_to_ours(k): v for k, v in state.items() if k not in duplicates}
+    aliases = model_entry(model_name).cls.official_aliases
+    duplicates = {}
+    for key, value in state.items():
+        alias = next((a for a in aliases if key.startswith(a)), None)
+        if alias is not None:
+            duplicates[key] = value
+            head_key = aliases[alias] + key[len(alias):]
+            if head_key not in state or not torch.equal(state[head_key], value):
+                raise ConfigError(f"{key!r} must be the same tensor as {head_key!r} (model {model_name!r} stores "
+                                  "it twice)")
+        elif key.startswith("transformer.decoder.bbox_embed."):
+            raise ConfigError(f"{key!r} is unexpected for model {model_name!r}: it does not share its box head with "
+                              "the decoder")
+    return {official_key_to_ours(k, model_name): v for k, v in state.items() if k not in duplicates}
 
 
 def ours_to_official(state: StateDict, model_name: str) -> StateDict:
-    """Our state dict -> the official layout (DAB-DETR gets its decoder alias of the box head back)."""
-    _check_name(model_name)
-    official = {our_key_to_official(k): v for k, v in state.items()}
-    if model_name == "dab":
-        official.update({"transformer.decoder." + k: v for k, v in official.items() if k.startswith("bbox_embed.")})
+    """Our state dict -> the official layout (with the aliases the official model stores a second time)."""
+    official = {our_key_to_official(k, model_name): v for k, v in state.items()}
+    for alias, target in model_entry(model_name).cls.official_aliases.items():
+        official.update({alias + k[len(target):]: v for k, v in list(official.items()) if k.startswith(target)})
     return official
 
 
@@ -154,8 +165,10 @@ def load_into(model: nn.Module, path) -> None:
         state = official_to_ours(state, model.cfg.name)
     problem = _mismatch_report(state, model.state_dict())
     if problem:
-        if "dn.label_enc.weight" in state and model.dn is None:
-            problem += " (a DN-DETR checkpoint: its matching queries need the label embedding, set dn.groups > 0)"
+        missing_plugins = sorted({k.split(".")[1] for k in state if k.startswith("plugins.")} - set(model.plugins))
+        if missing_plugins:
+            problem += (f" (the checkpoint has parameters of the query plug-in(s) {', '.join(missing_plugins)}: "
+                        "turn them on, e.g. dn.groups > 0 for a DN-DETR checkpoint)")
         raise ConfigError(f"checkpoint {str(path)!r} does not fit model {model.cfg.name!r}: {problem}")
     model.load_state_dict(state, strict=True)
 

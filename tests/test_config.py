@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import CompactHydraException
 
 from dndetr.config import Config, ConfigError, register_configs
+from dndetr.criterion import build_criterion
 from dndetr.models import build_model
 from helpers import CONF_DIR, REPO_ROOT, TINY, compose_config, run_train, tiny
 
@@ -22,6 +24,7 @@ def options(group: str) -> list:
 def test_every_group_has_the_documented_options():
     assert options("model") == ["conditional", "dab", "detr"]
     assert options("matcher") == ["detr", "focal"]
+    assert options("loss") == ["conditional", "dab", "detr"]
     assert options("dn") == ["default", "dn_detr"]
     assert options("data") == ["coco", "synthetic"]
     assert options("hydra/launcher") == ["local", "slurm", "slurm_local"]
@@ -32,22 +35,37 @@ def test_every_group_has_the_documented_options():
 def test_every_model_composes_and_builds(model):
     cfg = compose_config([f"model={model}", *TINY])
     assert cfg.model.name == model
-    # Conditional and DAB train with focal loss, so their group file switches the matcher to focal as well.
-    assert cfg.matcher.class_cost == ("softmax" if model == "detr" else "focal")
+    # Conditional and DAB train with focal loss, so their group file switches loss and matcher weights as well.
+    assert cfg.loss.class_loss == ("ce" if model == "detr" else "focal")
+    assert cfg.matcher.cost_class == (1.0 if model == "detr" else 2.0)
     built = build_model(cfg, 4)
     assert built.cfg.name == model
     assert sum(p.numel() for p in built.parameters()) > 0
 
 
-@pytest.mark.parametrize("matcher, class_cost", [("detr", "softmax"), ("focal", "focal")])
-def test_every_matcher_composes(matcher, class_cost):
+@pytest.mark.parametrize("matcher, cost_class", [("detr", 1.0), ("focal", 2.0)])
+def test_every_matcher_composes(matcher, cost_class):
     cfg = compose_config(["model=detr", f"matcher={matcher}"])
-    assert cfg.matcher.class_cost == class_cost and cfg.matcher.cost_bbox == 5.0
+    assert cfg.matcher.cost_class == cost_class and cfg.matcher.cost_bbox == 5.0
 
 
-def test_focal_model_with_softmax_matcher_is_refused():
-    with pytest.raises(ConfigError, match="matcher.class_cost='softmax' is invalid: model.class_loss=focal"):
-        compose_config(["model=dab", "matcher=detr"])
+@pytest.mark.parametrize("loss", options("loss"))
+def test_matcher_class_cost_follows_the_loss_by_construction(loss):
+    """Any loss with any matcher: the matcher reads its class-cost type, alpha, gamma and GIoU epsilon from the
+    loss group, so a focal loss can never be matched with a softmax cost (the old 'focal needs matcher=focal')."""
+    cfg = compose_config(["model=dab", "matcher=detr", f"loss={loss}"])
+    criterion = build_criterion(cfg, 4)
+    assert criterion.matcher.loss is criterion.cfg is cfg.loss
+    logits = torch.tensor([[2.0, -1.0, 0.5, 0.0]])
+    cost = criterion.matcher.class_cost(logits, torch.tensor([0]))
+    expected = -logits.softmax(-1)[:, [0]] if cfg.loss.class_loss == "ce" else None
+    if expected is not None:
+        assert torch.allclose(cost, expected)
+    else:
+        p = logits.sigmoid()[0, 0]
+        alpha, gamma = cfg.loss.focal_alpha, cfg.loss.focal_gamma
+        focal = alpha * (1 - p) ** gamma * -(p + 1e-8).log() - (1 - alpha) * p ** gamma * -(1 - p + 1e-8).log()
+        assert torch.allclose(cost, focal.reshape(1, 1))
 
 
 @pytest.mark.parametrize("dn, groups", [("default", 0), ("dn_detr", 5)])
@@ -164,7 +182,7 @@ CLI_ERRORS = {
                        ["matcher.cost_class", "(0.0, 0.0, 0.0)", "at least one cost must be > 0"]),
     "batch size": (["data.batch_size=0"], ["data.batch_size=0", ">= 1"]),
     "missing root": (["data=coco", "data.root=/nonexistent"], ["/nonexistent", "does not exist"]),
-    "unknown key": (["model.foo=1"], ["model.foo=1", "not in 'ModelConfig'"]),
+    "unknown key": (["model.foo=1"], ["model.foo=1", "not in 'ConditionalConfig'"]),
 }
 
 

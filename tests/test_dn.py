@@ -1,25 +1,41 @@
-"""Query denoising (dndetr/dn.py) and how the three models and the criterion use it."""
+"""Query denoising (dndetr/plugins/dn.py) and how the three models and the criterion use it."""
+import dataclasses
 
 import pytest
 import torch
 
-from dndetr.config import DNConfig
-from dndetr.dn import Denoising
+from dndetr.plugins.base import assemble
+from dndetr.plugins.dn import Denoising, DNConfig
 from test_models import NAMES, NUM_CLASSES, build, criterion_for, make_batch, make_targets
 
 torch.set_num_threads(1)
 D = 32
 
 
+class IdentityBoxQueries:
+    """A model whose positional query is the box itself, so the assembled position holds the noised boxes."""
+
+    @staticmethod
+    def box_query_position(boxes):
+        return {"box": boxes}
+
+
 def prepare(cfg: DNConfig, counts, num_matching: int = 4, seed: int = 0):
-    """Run Denoising.prepare with an identity positional query, so the returned position holds the noised boxes."""
+    """Build the DN block and assemble it with the matching queries: (content, position, mask, meta)."""
     torch.manual_seed(seed)
     dn = Denoising(cfg, NUM_CLASSES, D)
     targets = make_targets(counts, seed)
     content = torch.randn(len(counts), num_matching, D)
     matching_boxes = torch.rand(len(counts), num_matching, 4)
-    out = dn.prepare(targets, content, {"box": matching_boxes}, lambda boxes: {"box": boxes})
-    return dn, targets, content, matching_boxes, out
+    block = dn.build(targets, content, IdentityBoxQueries)
+    queries, position, mask, _ = assemble([block], content, {"box": matching_boxes})
+    return dn, targets, content, matching_boxes, (queries, position, mask, dict(block.meta, pad_size=block.size))
+
+
+def dn_outputs(out: dict) -> dict:
+    """The DN block's outputs and bookkeeping as one dict."""
+    (block,) = out["query_blocks"]
+    return dict(block.meta, logits=block.logits, pred_boxes=block.boxes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,7 +96,7 @@ def test_slot_layout_and_padding_slots():
 
 def test_matching_content_is_the_unknown_label_with_indicator_zero():
     dn = Denoising(DNConfig(groups=2), NUM_CLASSES, D)
-    content = dn.matching_content()
+    content = dn.adjust_matching(torch.zeros(D), {})[0]
     assert content.shape == (D,) and content[-1] == 0
     assert torch.equal(content[:-1], dn.label_enc.weight[NUM_CLASSES])
 
@@ -167,11 +183,13 @@ def dn_forward(name, counts=(2, 0, 3), **dn_overrides):
 @pytest.mark.parametrize("name", ["detr", "dab"])  # CE and focal class losses
 def test_padding_slots_are_never_supervised(name):
     model, targets, out = dn_forward(name)
-    dn = {**out["dn"], "logits": out["dn"]["logits"].detach().requires_grad_(),
-          "pred_boxes": out["dn"]["pred_boxes"].detach().requires_grad_()}
-    losses = criterion_for(model).dn_losses(dn, num_aux=out["dn"]["logits"].shape[0] - 1)
-    total = sum(sum(terms.values()) for terms in losses.values())
-    grad_logits, grad_boxes = torch.autograd.grad(total, (dn["logits"], dn["pred_boxes"]))
+    (block,) = out["query_blocks"]
+    block = dataclasses.replace(block, logits=block.logits.detach().requires_grad_(),
+                                boxes=block.boxes.detach().requires_grad_())
+    dn = dn_outputs({"query_blocks": [block]})
+    losses = model.plugins["dn"].loss(block, targets, criterion_for(model), num_layers=block.logits.shape[0])
+    total = sum(losses.values())
+    grad_logits, grad_boxes = torch.autograd.grad(total, (block.logits, block.boxes))
     real = torch.zeros(3, 9, dtype=torch.bool)
     real[dn["image"], dn["slot"]] = True
     assert real.sum() == 3 * 5
@@ -187,10 +205,10 @@ def test_dn_loss_terms_normalisation_and_weight():
     losses = criterion(out, targets)
     assert {k for k in losses if k.startswith("dn_")} == {
         f"dn_loss_{term}{suffix}" for term in ("ce", "bbox", "giou") for suffix in ("", "_0")}
-    dn = out["dn"]
+    dn = dn_outputs(out)
     l1 = (dn["pred_boxes"][-1][dn["image"], dn["slot"]] - dn["boxes"]).abs().sum() / 15  # 5 objects x 3 groups
-    assert torch.allclose(losses["dn_loss_bbox"], model.cfg.loss_bbox * l1)
-    criterion.dn_loss_weight = 0.5
+    assert torch.allclose(losses["dn_loss_bbox"], criterion.weights["loss_bbox"] * l1)
+    model.plugins["dn"].cfg.loss_weight = 0.5
     halved = criterion(out, targets)
     for key, value in losses.items():
         assert torch.allclose(halved[key], value * (0.5 if key.startswith("dn_") else 1.0))
@@ -199,7 +217,7 @@ def test_dn_loss_terms_normalisation_and_weight():
 @pytest.mark.parametrize("name", NAMES)
 def test_batch_without_objects_gives_zero_dn_loss_and_gradients_everywhere(name):
     model, targets, out = dn_forward(name, counts=(0, 0))
-    assert out["dn"]["logits"].shape[2] == 0
+    assert dn_outputs(out)["logits"].shape[2] == 0
     losses = criterion_for(model)(out, targets)
     dn_terms = [v for k, v in losses.items() if k.startswith("dn_")]
     assert len(dn_terms) == 6 and all(v.item() == 0 for v in dn_terms)
@@ -218,7 +236,7 @@ def test_groups_zero_is_exactly_off(name):
     dn=None (dropout on, so the outputs also check that both consume the random stream identically)."""
     models = [build(name, dn, seed=3, dropout=0.1) for dn in (None, DNConfig(groups=0))]
     off, zero = models
-    assert off.dn is None and zero.dn is None
+    assert not off.plugins and not zero.plugins
     assert not [n for n in zero.state_dict() if "dn" in n or "label_enc" in n]
     state_off, state_zero = off.state_dict(), zero.state_dict()
     assert state_off.keys() == state_zero.keys()
@@ -230,7 +248,7 @@ def test_groups_zero_is_exactly_off(name):
         out = model.train()(images, masks, targets)
         results.append((out, criterion_for(model)(out, targets), torch.get_rng_state()))
     (out_a, loss_a, rng_a), (out_b, loss_b, rng_b) = results
-    assert "dn" not in out_a and "dn" not in out_b
+    assert "query_blocks" not in out_a and "query_blocks" not in out_b
     assert torch.equal(out_a["pred_logits"], out_b["pred_logits"])
     assert torch.equal(out_a["pred_boxes"], out_b["pred_boxes"])
     assert loss_a.keys() == loss_b.keys() and all(torch.equal(loss_a[k], loss_b[k]) for k in loss_a)
@@ -246,7 +264,7 @@ def test_dn_draws_only_its_noise_from_the_random_stream():
     after_forward = torch.get_rng_state()
     torch.manual_seed(5)
     labels = torch.cat([t["labels"] for t in targets]).repeat(3)
-    model.dn.noise(labels, torch.cat([t["boxes"] for t in targets]).repeat(3, 1))
+    model.plugins["dn"].noise(labels, torch.cat([t["boxes"] for t in targets]).repeat(3, 1))
     assert torch.equal(after_forward, torch.get_rng_state())
 
 
@@ -256,7 +274,7 @@ def test_masked_dn_queries_do_not_change_the_matching_part(name):
     for attn_mask in (True, False):
         model = build(name, DNConfig(groups=3, attn_mask=attn_mask), dec_layers=3).train()  # dropout 0
         with_dn, without_dn = model(images, masks, targets), model(images, masks)
-        assert "dn" in with_dn and "dn" not in without_dn
+        assert "query_blocks" in with_dn and "query_blocks" not in without_dn
         layers = [(a["pred_logits"], b["pred_logits"]) for a, b in zip(with_dn["aux_outputs"],
                                                                           without_dn["aux_outputs"])]
         layers += [(with_dn[key], without_dn[key]) for key in ("pred_logits", "pred_boxes")]
@@ -269,14 +287,14 @@ def test_no_dn_queries_at_inference(name):
     model = build(name, DNConfig(groups=3)).eval()
     images, masks, targets = make_batch()
     out = model(images, masks, targets)
-    assert "dn" not in out and out["pred_logits"].shape[1] == 10
+    assert "query_blocks" not in out and out["pred_logits"].shape[1] == 10
     # the matching content still carries the "unknown" label embedding: same outputs as without targets
     assert torch.equal(out["pred_logits"], model(images, masks)["pred_logits"])
 
 
 def test_dn_outputs_cover_every_layer():
     model, _, out = dn_forward("conditional")
-    dn = out["dn"]
+    dn = dn_outputs(out)
     assert dn["logits"].shape == (2, 3, 9, NUM_CLASSES) and dn["pred_boxes"].shape == (2, 3, 9, 4)
     assert out["pred_logits"].shape == (3, 10, NUM_CLASSES)
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from dndetr.config import MatcherConfig
+from dndetr.config import LossConfig, MatcherConfig
 from dndetr.data import CocoDetection
-from dndetr.engine import CheckpointError, coco_ap, load_checkpoint
+from dndetr.evaluation import coco_ap
+from dndetr.trainer import CheckpointError, load_checkpoint
 from dndetr.matcher import HungarianMatcher
 from helpers import REPO_ROOT, read_metrics, run_train, tiny, without_timing
 
@@ -86,8 +87,8 @@ def test_matcher_finds_the_brute_force_optimum(seed):
                "pred_boxes": torch.rand(1, queries, 4, generator=generator) * 0.5 + 0.25}
     target = [{"labels": torch.randint(0, 4, (targets,), generator=generator),
                "boxes": torch.rand(targets, 4, generator=generator) * 0.5 + 0.25}]
-    for class_cost in ("softmax", "focal"):
-        matcher = HungarianMatcher(MatcherConfig(class_cost=class_cost))
+    for class_loss in ("ce", "focal"):
+        matcher = HungarianMatcher(MatcherConfig(), LossConfig(class_loss=class_loss))
         cost = matcher.cost_matrices(outputs, target)[0].numpy()
         rows, cols = matcher(outputs, target)[0]
         assert len(set(rows.tolist())) == targets and sorted(cols.tolist()) == list(range(targets))

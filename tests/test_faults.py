@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dndetr.engine import NonFiniteLossError, Trainer, load_checkpoint
+from dndetr.trainer import NonFiniteLossError, Trainer, load_checkpoint
 from helpers import REPO_ROOT, TINY, compose_config, read_metrics, run_train, tiny
 from test_config import assert_one_error_line
 
@@ -50,7 +50,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, term
     assert [row["epoch"] for row in read_metrics(run)] == [0]
     # On disk: the checkpoint of the end of epoch 0, whole, although the model trained two more steps since.
     state = load_checkpoint(run / "checkpoint_last.pt")
-    assert (state["epoch"], state["iteration"]) == (1, 0) and list(saved_weights) == [1]
+    # (epoch 0 was saved twice: once trained, before its evaluation, and once evaluated and logged)
+    assert (state["epoch"], state["iteration"]) == (1, 0) and list(saved_weights) == [0, 1]
+    assert state["pending"] is None
     for key, value in saved_weights[1].items():
         assert torch.equal(state["model"][key], value), key
     assert any(not torch.equal(trainer.model.state_dict()[k], v) for k, v in saved_weights[1].items())

@@ -259,8 +259,10 @@ def load_analysis():
     return module
 
 
-def write_run(job_dir, groups, seed, metrics=None, matchings=None, epochs=3, instability_enabled=True):
+def write_run(job_dir, groups, seed, metrics=None, matchings=None, epochs=3, instability_enabled=True, job_id=None):
     (job_dir / ".hydra").mkdir(parents=True)
+    if job_id is not None:  # the submitit job id Hydra's submitit launcher records in hydra.job.id
+        (job_dir / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"id": job_id}}}))
     overrides = ["model=dab", f"dn.groups={groups}", f"trainer.seed={seed}"]
     (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     config = {"model": {"name": "dab"}, "dn": {"groups": groups}, "trainer": {"epochs": epochs, "seed": seed},
@@ -300,14 +302,22 @@ def build_sweep(root):
     # job 4 crashed before its first epoch ended; job 5 after two of three epochs
     write_run(sweep / "4", 5, 3)
     write_run(sweep / "5", 0, 3, epoch_rows([0.9, 0.9], 10, [1], [0.1]))
-    # submitit's records of a job that raised and of one that left no result
+    # submitit's records of a job that raised (its log ends in the traceback submitit prints) and of one that
+    # left no result
     job_logs = sweep / ".submitit" / "17"
     job_logs.mkdir(parents=True)
-    (job_logs / "17_0_log.err").write_text("...\n")
+    (job_logs / "17_0_log.err").write_text(submitit_traceback("RuntimeError: CUDA out of memory"))
     with open(job_logs / "17_0_result.pkl", "wb") as f:
         pickle.dump(("error", "Traceback (most recent call last):\nRuntimeError: CUDA out of memory\n"), f)
     (job_logs / "18_0_log.err").write_text("slurmstepd: error: *** JOB 18 CANCELLED ***\n")
     return sweep
+
+
+def submitit_traceback(last_line):
+    """What submitit writes to a job's *_log.err when the job's function raises."""
+    return ("submitit ERROR (2026-01-01 12:00:00,000) - Submitted job triggered an exception\n"
+            "Traceback (most recent call last):\n  File \"train.py\", line 1, in main\n    train(config)\n"
+            f"{last_line}\n")
 
 
 def test_analysis_report(tmp_path, capsys):
@@ -360,21 +370,66 @@ def test_analysis_exits_nonzero_without_readable_runs(tmp_path, capsys):
     assert "no metrics.jsonl" in (tmp_path / "report" / "failures.md").read_text()
 
 
-def test_analysis_marks_run_whose_hydra_job_failed(tmp_path):
-    from hydra.core.utils import JobReturn, JobStatus
-    from omegaconf import OmegaConf
+class CreatesFileWhenUnpickled:
+    """A crafted submitit result: unpickling it calls open(path, "w"), i.e. runs code of the file's choosing."""
 
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_analysis_marks_run_of_failed_submitit_job_without_unpickling(tmp_path):
     sweep = tmp_path / "multirun"
-    write_run(sweep / "0", 0, 1, epoch_rows([0.1, 0.2, 0.3], 10, [3, 2], [0.1, 0.1]), instability_enabled=False)
-    write_run(sweep / "1", 0, 2, epoch_rows([0.1, 0.2, 0.4], 10, [3, 2], [0.1, 0.1]), instability_enabled=False)
-    job_return = JobReturn(working_dir=str(tmp_path), status=JobStatus.FAILED, _return_value=RuntimeError("boom"),
-                           hydra_cfg=OmegaConf.create({"hydra": {"runtime": {"output_dir": str(sweep / "1")}}}))
+    write_run(sweep / "0", 0, 1, epoch_rows([0.1, 0.2, 0.3], 10, [3, 2], [0.1, 0.1]), instability_enabled=False,
+              job_id="5_1")
+    write_run(sweep / "1", 0, 2, epoch_rows([0.1, 0.2, 0.4], 10, [3, 2], [0.1, 0.1]), instability_enabled=False,
+              job_id="5_0")
     (sweep / ".submitit" / "5").mkdir(parents=True)
-    (sweep / ".submitit" / "5" / "5_0_log.err").write_text("")
-    with open(sweep / ".submitit" / "5" / "5_0_result.pkl", "wb") as f:
-        pickle.dump(("success", job_return), f)
+    (sweep / ".submitit" / "5" / "5_0_log.err").write_text(submitit_traceback("RuntimeError: boom"))
+    # job 5_1 raised, was requeued (preempted) and then completed: not a failure
+    (sweep / ".submitit" / "5" / "5_1_log.err").write_text(submitit_traceback("RuntimeError: preempted") +
+                                                          "submitit INFO (...) - Job completed successfully\n")
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(CreatesFileWhenUnpickled(marker))
+    pickle.loads(pickle.dumps(CreatesFileWhenUnpickled(tmp_path / "proof")))  # the payload does run when unpickled
+    assert (tmp_path / "proof").exists()
+    for job in ("5_0", "5_1"):
+        (sweep / ".submitit" / "5" / f"{job}_result.pkl").write_bytes(payload)
+    (sweep / ".submitit" / "5" / "5_submitted.pkl").write_bytes(payload)
+
     out = tmp_path / "report"
     assert load_analysis().main([str(sweep), "--out", str(out)]) == 0
+    assert not marker.exists()  # nothing found in the sweep folder was executed
     row = pd.read_csv(out / "summary.csv").iloc[0]
     assert (row.n_seeds, row.n_failed, row.final_AP_mean) == (1, 1, pytest.approx(0.3))
     assert f"`{sweep / '1'}`: submitit job 5_0 failed: RuntimeError: boom" in (out / "failures.md").read_text()
+    assert "5_1" not in (out / "failures.md").read_text()  # a result and success after the traceback
+
+
+def test_analysis_does_not_import_pickle():
+    source = (REPO / "analysis" / "instability.py").read_text() + "".join(
+        (REPO / "dndetr" / f"{name}.py").read_text() for name in ("runs", "report", "stats", "plots", "claims"))
+    assert "import pickle" not in source and "pickle.load" not in source and "Unpickler" not in source
+
+
+def test_one_epoch_plot_has_integer_epoch_ticks():
+    from dndetr.plots import curve_figure
+
+    one_epoch = pd.DataFrame({"mean": [0.3], "low": [float("nan")], "high": [float("nan")], "n": [1]}, index=[0])
+    for epochs in ([0], [0, 1], list(range(40))):
+        stats = pd.concat([one_epoch] * len(epochs)).set_axis(epochs)
+        fig = curve_figure({"s": (np.array(epochs), stats)}, "epoch", "AP (%)", "t")
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (epochs, ticks)
+        assert ax.get_legend().get_title().get_text() == "mean and 95 % CI over 1 seed"
+
+
+def test_analysis_of_a_missing_folder_creates_nothing(tmp_path, capsys):
+    missing = tmp_path / "multirun" / "typo"
+    assert load_analysis().main([str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: not a directory\n"
+    assert not (tmp_path / "multirun").exists()

@@ -7,32 +7,34 @@ import dataclasses
 import pytest
 import torch
 
-from dndetr.config import BackboneConfig, DNConfig, MatcherConfig, ModelConfig
-from dndetr.criterion import SetCriterion
-from dndetr.matcher import HungarianMatcher
-from dndetr.models import MODELS
+from dndetr.config import BackboneConfig, LossConfig, config_class
+from dndetr.criterion import build_criterion
+from dndetr.models import MODELS, build_model
 from dndetr.models.transformer import mlp_last_linear
+from dndetr.plugins.dn import DNConfig
 
 torch.set_num_threads(1)
 NUM_CLASSES = 5  # category ids 1..4 plus the unused id 0, as num_classes = max id + 1
 NAMES = sorted(MODELS)
 
 
-def tiny_config(name: str, **overrides) -> ModelConfig:
-    cfg = ModelConfig(name=name, backbone=BackboneConfig(name="resnet18"), hidden_dim=32, nheads=4, enc_layers=1,
-                      dec_layers=2, dim_feedforward=64, num_queries=10, dropout=0.0,
-                      class_loss="ce" if name == "detr" else "focal")
-    return dataclasses.replace(cfg, **overrides)
+def tiny_config(name: str, dn: DNConfig = None, **overrides):
+    """A whole configuration around a tiny model: DETR with the CE loss, the others with the focal loss."""
+    model = MODELS[name].schema(name=name, backbone=BackboneConfig(name="resnet18"), hidden_dim=32, nheads=4,
+                                enc_layers=1, dec_layers=2, dim_feedforward=64, num_queries=10, dropout=0.0)
+    loss = LossConfig(class_loss="ce" if name == "detr" else "focal")
+    return config_class()(model=dataclasses.replace(model, **overrides), loss=loss, dn=dn or DNConfig())
 
 
 def build(name: str, dn: DNConfig = None, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    return MODELS[name](tiny_config(name, **overrides), NUM_CLASSES, dn)
+    model = build_model(tiny_config(name, dn, **overrides), NUM_CLASSES)
+    model.loss_cfg = LossConfig(class_loss="ce" if name == "detr" else "focal")
+    return model
 
 
-def criterion_for(model) -> SetCriterion:
-    class_cost = "softmax" if model.cfg.class_loss == "ce" else "focal"
-    return SetCriterion(HungarianMatcher(MatcherConfig(class_cost=class_cost)), NUM_CLASSES, model.cfg)
+def criterion_for(model):
+    return build_criterion(config_class()(loss=model.loss_cfg), NUM_CLASSES)
 
 
 def make_targets(counts, seed: int = 0):

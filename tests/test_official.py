@@ -14,20 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from dndetr.config import BackboneConfig, ConfigError, DNConfig, ModelConfig
-from dndetr.models import MODELS
+from dndetr.config import BackboneConfig, ConfigError, LossConfig, config_class
+from dndetr.models import MODELS, build_model
+from dndetr.plugins.dn import DNConfig
 from dndetr.official import (export_official, load_checkpoint_file, load_into, official_to_ours,
                              ours_to_official)
 
 # The state-dict layouts of the official checkpoints (copied from the project's spec, shared/spec/official_keys).
 KEYS_DIR = Path(os.environ.get("DNDETR_OFFICIAL_KEYS", Path(__file__).resolve().parent / "data/official_keys"))
 
-DAB = dict(num_queries=300, class_loss="focal", activation="prelu", dropout=0.0, pe_temperature=20.0)
+DAB = dict(num_queries=300, activation="prelu", dropout=0.0, pe_temperature=20.0)
 # layout -> (key list, model name, ModelConfig overrides, DN groups, (total, trainable) params in millions,
 # as published in the official READMEs / logs; None where only the key list defines it)
 LAYOUTS = {
     "detr": ("detr-r50.txt", "detr", {}, 0, (41.52, 41.30)),
-    "conditional": ("conditional-r50.txt", "conditional", dict(num_queries=300, class_loss="focal"), 0,
+    "conditional": ("conditional-r50.txt", "conditional", dict(num_queries=300), 0,
                     (43.42, 43.20)),
     "dab": ("dab-r50.txt", "dab", DAB, 0, (43.67, 43.45)),
     "dn_dab": ("dn_dab-r50.txt", "dab", DAB, 5, None),
@@ -48,8 +49,9 @@ def read_key_list(name: str) -> dict:
 
 def build(layout: str):
     _, name, overrides, groups, _ = LAYOUTS[layout]
-    cfg = ModelConfig(name=name, backbone=BackboneConfig(name="resnet50"), **overrides)
-    return MODELS[name](cfg, 91, DNConfig(groups=groups))
+    model = MODELS[name].schema(name=name, backbone=BackboneConfig(name="resnet50"), **overrides)
+    loss = LossConfig(class_loss="ce" if name == "detr" else "focal")
+    return build_model(config_class()(model=model, loss=loss, dn=DNConfig(groups=groups)), 91)
 
 
 def random_official_state(shapes: dict) -> dict:
@@ -139,22 +141,22 @@ def test_key_mapping_rules():
     assert set(ours) == {
         "backbone.body.layer1.0.bn1.running_var", "encoder.query_scale.3.weight", "decoder.layers.3.ffn.linear1.bias",
         "decoder.layers.3.ffn.activation.weight", "decoder.ref_point_head.0.bias", "patterns.weight",
-        "bbox_embed.6.bias", "dn.label_enc.weight"}
+        "bbox_embed.6.bias", "plugins.dn.label_enc.weight"}
     assert ours_to_official(ours, "dab").keys() == official.keys()
 
     diverged = dict(official, **{"transformer.decoder.bbox_embed.layers.2.bias": torch.zeros(4)})
     with pytest.raises(ConfigError, match="same tensor as 'bbox_embed.layers.2.bias'"):
         official_to_ours(diverged, "dab")
-    with pytest.raises(ConfigError, match="only DAB-DETR"):
+    with pytest.raises(ConfigError, match="does not share its box head"):
         official_to_ours(official, "conditional")
-    with pytest.raises(ConfigError, match="model_name='deformable'"):
-        official_to_ours(official, "deformable")
+    with pytest.raises(ConfigError, match="model.name='no_such_model'"):
+        official_to_ours(official, "no_such_model")
 
 
 def small_model(name: str):
-    cfg = ModelConfig(name=name, backbone=BackboneConfig(name="resnet18"), hidden_dim=32, nheads=2, enc_layers=1,
-                      dec_layers=2, dim_feedforward=32, num_queries=5)
-    return MODELS[name](cfg, 5)
+    model = MODELS[name].schema(name=name, backbone=BackboneConfig(name="resnet18"), hidden_dim=32, nheads=2,
+                                enc_layers=1, dec_layers=2, dim_feedforward=32, num_queries=5)
+    return build_model(config_class()(model=model), 5)
 
 
 def test_load_into_reports_mismatches(tmp_path):
@@ -216,5 +218,5 @@ def test_dn_checkpoint_needs_denoising_on(tmp_path):
     state["label_enc.weight"] = torch.zeros(6, 31)
     path = tmp_path / "dn_dab.pth"
     torch.save({"model": state}, path)
-    with pytest.raises(ConfigError, match=r"1 unexpected \(e.g. dn.label_enc.weight\) .*set dn.groups > 0"):
+    with pytest.raises(ConfigError, match=r"1 unexpected \(e.g. plugins.dn.label_enc.weight\) .*dn.groups > 0"):
         load_into(model, path)

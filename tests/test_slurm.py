@@ -287,7 +287,7 @@ def test_train_sweep_on_the_cluster_feeds_the_analysis(slurm_cluster, tmp_path: 
 
 def read_checkpoint_position(checkpoint: Path) -> Tuple[int, int]:
     """Runs as the preempting job: the checkpoint the preempted job left, as (epoch, iteration)."""
-    from dndetr.engine import load_checkpoint
+    from dndetr.trainer import load_checkpoint
 
     state = load_checkpoint(checkpoint)
     return state["epoch"], state["iteration"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dndetr.config import BackboneConfig, MatcherConfig
+from dndetr.config import BackboneConfig, LossConfig, MatcherConfig
 from dndetr.matcher import HungarianMatcher
 from dndetr.models.backbone import Backbone
 from dndetr.models.transformer import Dropout, MultiheadAttention, attention, dropout, keep_mask
@@ -24,10 +24,10 @@ def boxes_and_labels(counts, classes: int, seed: int = 1):
              "boxes": torch.rand(n, 4, generator=gen) * 0.5 + 0.25} for n in counts]
 
 
-@pytest.mark.parametrize("class_cost", ["softmax", "focal"])
+@pytest.mark.parametrize("class_loss", ["ce", "focal"])
 @pytest.mark.parametrize("counts", [(3, 0, 5), (0, 0, 0), (1, 7, 2)])
-def test_match_layers_equals_per_layer_matching(class_cost, counts):
-    matcher = HungarianMatcher(MatcherConfig(class_cost=class_cost))
+def test_match_layers_equals_per_layer_matching(class_loss, counts):
+    matcher = HungarianMatcher(MatcherConfig(), LossConfig(class_loss=class_loss, giou_eps=1e-6))
     layers = layer_outputs(num_layers=4, batch=len(counts), queries=9, classes=6)
     targets = boxes_and_labels(counts, classes=6)
     batched = matcher.match_layers(layers, targets)
@@ -44,7 +44,7 @@ def test_match_layers_equals_per_layer_matching(class_cost, counts):
 
 
 def test_match_layers_refuses_non_finite_outputs():
-    matcher = HungarianMatcher(MatcherConfig())
+    matcher = HungarianMatcher(MatcherConfig(), LossConfig())
     layers = layer_outputs(num_layers=3, batch=2, queries=5, classes=4)
     layers[1]["pred_boxes"][0, 2, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="non-finite matching cost"):

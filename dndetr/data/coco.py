@@ -1,13 +1,12 @@
 """COCO-layout detection dataset (real COCO or the built-in synthetic data), batching, and ``build_dataset``.
 
-Layout: ``<root>/<split>/<file_name>`` images and ``<root>/annotations/instances_<split>.json``.
+Layout: ``<root>/<split>/<file_name>`` images and ``<root>/annotations/instances_<split>.json``, or another
+annotation file relative to the root (``data.train_ann``, ``data.val_ann``).
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import json
-import math
 from pathlib import Path
 
 import torch
@@ -17,8 +16,11 @@ from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
 from dndetr.data import DataError
+from dndetr.data.annotations import bomb_limit, load_annotations
 from dndetr.data.synthetic import ensure_synthetic
 from dndetr.data.transforms import build_transforms, drop_degenerate
+
+DEFAULT_ANN = "annotations/instances_{split}.json"
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -27,18 +29,21 @@ class CocoDetection(torch.utils.data.Dataset):
     ``self.coco`` is the pycocotools index of the annotation file (the ground truth for COCOeval).
     """
 
-    def __init__(self, root, split: str, transforms=None, max_images: int | None = None):
+    def __init__(self, root, split: str, transforms=None, max_images: int | None = None,
+                 ann_file: str | None = None, check_files: bool = False):
         root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise DataError(f"data root {root} is a file, not a folder")
         if not root.is_dir():
             raise DataError(f"data root {root} does not exist")
         self.image_dir = root / split
-        self.ann_file = root / "annotations" / f"instances_{split}.json"
+        self.ann_file = root / (ann_file or DEFAULT_ANN.format(split=split))
         if not self.ann_file.is_file():
-            raise DataError(f"annotation file {self.ann_file} not found "
-                            "(COCO layout: <root>/annotations/instances_<split>.json)")
+            raise DataError(f"annotation file {self.ann_file} not found (COCO layout: "
+                            "<root>/annotations/instances_<split>.json, or set data.train_ann / data.val_ann)")
         if not self.image_dir.is_dir():
             raise DataError(f"image folder {self.image_dir} not found (COCO layout: <root>/<split>/)")
-        self.coco = load_coco(self.ann_file)
+        self.coco, self.notes = load_coco(self.ann_file, self.image_dir if check_files else None)
         self.ids = sorted(self.coco.imgs)[:max_images]
         self.transforms = transforms
 
@@ -59,11 +64,14 @@ class CocoDetection(torch.utils.data.Dataset):
         try:
             with Image.open(path) as file:
                 image = file.convert("RGB")
+        except Image.DecompressionBombError:
+            raise DataError(f"image file {path} has more than {bomb_limit()} pixels, PIL's decompression-bomb "
+                            "limit: downscale it") from None
         except FileNotFoundError:
             raise DataError(f"image file {path} is missing (image id {image_id} in {self.ann_file})") from None
         except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for unknown formats and broken data
             raise DataError(f"image file {path} is unreadable or corrupt: {err}") from None
-        declared = (info.get("width", image.width), info.get("height", image.height))
+        declared = (info["width"], info["height"])  # ints, checked when the annotation file was read
         if declared != image.size:
             raise DataError(f"image file {path} is {image.width}x{image.height} but {self.ann_file} says "
                             f"{declared[0]}x{declared[1]}")
@@ -85,65 +93,14 @@ def coco_target(image_id: int, annotations: list, width: int, height: int) -> di
     })
 
 
-def load_coco(path: Path) -> COCO:
-    """Read and check a COCO annotation file; ``iscrowd`` (0) and ``area`` (box area) get defaults COCOeval needs."""
-    try:
-        data = json.loads(path.read_bytes())
-    except ValueError as err:
-        raise DataError(f"annotation file {path} is not valid JSON: {err}") from None
-    check_coco_schema(data, path)
-    for ann in data["annotations"]:
-        ann.setdefault("iscrowd", 0)
-        ann.setdefault("area", ann["bbox"][2] * ann["bbox"][3])
+def load_coco(path: Path, image_dir: Path | None = None) -> tuple:
+    """The pycocotools index of a checked and cleaned annotation file (see check.py), and what cleaning did."""
+    data, notes = load_annotations(path, image_dir)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
-    return coco
-
-
-def is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_box(value) -> bool:
-    return (isinstance(value, list) and len(value) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
-
-
-def require_keys(path: Path, where: str, entry, keys: tuple) -> None:
-    if not isinstance(entry, dict) or any(key not in entry for key in keys):
-        raise DataError(f"annotation file {path}: {where} must be an object with keys {', '.join(keys)}")
-
-
-def check_coco_schema(data, path: Path) -> None:
-    lists = ("images", "annotations", "categories")
-    missing = [key for key in lists if not isinstance(data, dict) or not isinstance(data.get(key), list)]
-    if missing:
-        raise DataError(f"annotation file {path} is not in COCO format: no {', '.join(missing)} list")
-    for i, image in enumerate(data["images"]):
-        require_keys(path, f"images[{i}]", image, ("id", "file_name"))
-        if not is_int(image["id"]) or not isinstance(image["file_name"], str):
-            raise DataError(f"annotation file {path}: images[{i}] needs an int id and a string file_name")
-    image_ids = {image["id"] for image in data["images"]}
-    if len(image_ids) != len(data["images"]):
-        raise DataError(f"annotation file {path}: image ids are not unique")
-    if not data["categories"]:
-        raise DataError(f"annotation file {path}: the categories list is empty")
-    for i, category in enumerate(data["categories"]):
-        require_keys(path, f"categories[{i}]", category, ("id",))
-        if not is_int(category["id"]) or category["id"] < 0:
-            raise DataError(f"annotation file {path}: categories[{i}] has id {category['id']!r}, expected an int >= 0")
-    category_ids = {category["id"] for category in data["categories"]}
-    for i, ann in enumerate(data["annotations"]):
-        where = f"annotations[{i}]" + (f" (id {ann['id']})" if isinstance(ann, dict) and "id" in ann else "")
-        require_keys(path, where, ann, ("id", "image_id", "category_id", "bbox"))
-        if not is_box(ann["bbox"]):
-            raise DataError(f"annotation file {path}: {where} has bbox {ann['bbox']!r}, expected [x, y, width, height]")
-        if ann["image_id"] not in image_ids:
-            raise DataError(f"annotation file {path}: {where} refers to unknown image_id {ann['image_id']!r}")
-        if ann["category_id"] not in category_ids:
-            raise DataError(f"annotation file {path}: {where} has unknown category_id {ann['category_id']!r}")
+    return coco, notes
 
 
 def collate(batch: list):
@@ -167,7 +124,8 @@ def build_dataset(data_cfg, split: str, train_augment: bool) -> CocoDetection:
         root = ensure_synthetic(root, data_cfg.synthetic)
     folder = data_cfg.train_split if split == "train" else data_cfg.val_split
     max_images = data_cfg.max_train_images if split == "train" else data_cfg.max_val_images
-    return CocoDetection(root, folder, build_transforms(data_cfg, train=train_augment), max_images)
+    ann_file = data_cfg.train_ann if split == "train" else data_cfg.val_ann
+    return CocoDetection(root, folder, build_transforms(data_cfg, train=train_augment), max_images, ann_file)
 
 
 def num_classes(dataset: CocoDetection) -> int:

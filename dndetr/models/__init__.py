@@ -1,18 +1,12 @@
-"""Model zoo: ``build_model(cfg, num_classes)`` picks DETR, Conditional DETR or DAB-DETR from ``model.name``."""
-from __future__ import annotations
+"""Model zoo. Every module of this package is imported here, so a model registers itself (models/registry.py) by
+being a file in this folder; ``build_model(cfg, num_classes)`` builds the one ``model.name`` names."""
+import importlib
+import pkgutil
 
-from ..config import Config
 from .base import DetrBase
-from .conditional import ConditionalDETR
-from .dab import DABDETR
-from .detr import DETR
+from .registry import MODELS, build_model, model_entry, register_model
 
-MODELS = {"detr": DETR, "conditional": ConditionalDETR, "dab": DABDETR}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-
-def build_model(cfg: Config, num_classes: int, train_backbone: bool = True) -> DetrBase:
-    train_backbone = train_backbone and cfg.optim.lr_backbone > 0
-    return MODELS[cfg.model.name](cfg.model, num_classes, cfg.dn, train_backbone)
-
-
-__all__ = ["build_model", "DetrBase", "DETR", "ConditionalDETR", "DABDETR", "MODELS"]
+__all__ = ["DetrBase", "MODELS", "build_model", "model_entry", "register_model"]

@@ -6,12 +6,21 @@ predicts the centre as an offset from s in logit space and the size directly.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from .base import DetrBase
 from .position_encoding import box_sine_embedding
+from .registry import register_model
 from .transformer import ConditionalDecoderLayer, DecoderStack, inverse_sigmoid, mlp, xavier_init
+
+
+@dataclass
+class ConditionalConfig(ModelConfig):
+    pass
 
 
 def conditional_decoder(cfg) -> DecoderStack:
@@ -22,26 +31,29 @@ def conditional_decoder(cfg) -> DecoderStack:
     return decoder
 
 
+@register_model("conditional", ConditionalConfig)
 class ConditionalDETR(DetrBase):
-    def __init__(self, cfg, num_classes, dn_cfg=None, train_backbone=True):
-        super().__init__(cfg, num_classes, dn_cfg, train_backbone)
+    official_mlps = DetrBase.official_mlps + ("query_scale", "ref_point_head")
+
+    def __init__(self, cfg, num_classes, **options):
+        super().__init__(cfg, num_classes, **options)
         d = cfg.hidden_dim
         self.decoder = conditional_decoder(cfg)
         self.decoder.ref_point_head = mlp(d, d, 2, 2)
         self.query_embed = nn.Embedding(cfg.num_queries, d)
         xavier_init(self.encoder, self.decoder)
         self.zero_init_box_head()
-        # Denoising: the noised centre is the reference point itself; the positional query o_q is a learned
-        # projection of the noised box's sine embedding (so its width and height reach the decoder too).
-        self.dn_pos_head = mlp(2 * d, d, d, 2) if self.dn is not None else None
+        # A box query's centre is the reference point itself; its positional query o_q is a learned projection
+        # of the box's sine embedding (so its width and height reach the decoder too).
+        self.box_query_proj = self.box_query_head()
 
     def matching_queries(self, batch_size):
         query_pos = self.query_embed.weight[None].expand(batch_size, -1, -1)
         reference = self.decoder.ref_point_head(query_pos).sigmoid()
         return torch.zeros_like(query_pos), {"pos": query_pos, "ref": reference}
 
-    def dn_position(self, boxes):
-        return {"pos": self.dn_pos_head(box_sine_embedding(boxes, self.hidden_dim // 2)), "ref": boxes[..., :2]}
+    def box_query_position(self, boxes):
+        return {"pos": self.box_query_proj(box_sine_embedding(boxes, self.hidden_dim // 2)), "ref": boxes[..., :2]}
 
     def decode(self, content, position, memory, padding_mask, pos, self_attn_mask):
         reference_sine = box_sine_embedding(position["ref"], self.hidden_dim // 2)

@@ -6,20 +6,40 @@ query. After each layer the shared box head refines the anchor; the refined anch
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from ..config import ModelConfig, check
 from .base import DetrBase
 from .conditional import conditional_decoder
 from .position_encoding import box_sine_embedding
+from .registry import register_model
 from .transformer import inverse_sigmoid, mlp, xavier_init
 
 ANCHOR_EPS = 1e-3  # DAB-DETR's inverse_sigmoid epsilon (Conditional DETR uses 1e-5)
 
 
+@dataclass
+class DABConfig(ModelConfig):
+    num_patterns: int = 0  # pattern embeddings: num_patterns * num_queries queries (DAB-DETR's "3 patterns")
+    random_refpoints_xy: bool = False  # anchor centres start uniform in the image (and stay trainable)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.num_patterns >= 0, "model.num_patterns", self.num_patterns, "must be >= 0")
+
+
+@register_model("dab", DABConfig)
 class DABDETR(DetrBase):
-    def __init__(self, cfg, num_classes, dn_cfg=None, train_backbone=True):
-        super().__init__(cfg, num_classes, dn_cfg, train_backbone)
+    encoder_scales_pos = True
+    official_mlps = DetrBase.official_mlps + ("query_scale", "ref_point_head", "ref_anchor_head")
+    # DAB-DETR stores the shared box head a second time under the decoder.
+    official_aliases = {"transformer.decoder.bbox_embed.": "bbox_embed."}
+
+    def __init__(self, cfg, num_classes, **options):
+        super().__init__(cfg, num_classes, **options)
         d = cfg.hidden_dim
         self.decoder = conditional_decoder(cfg)
         self.decoder.ref_point_head = mlp(2 * d, d, d, 2)
@@ -43,7 +63,7 @@ class DABDETR(DetrBase):
             anchors = anchors.repeat(self.cfg.num_patterns, 1)
         return content[None].expand(batch_size, -1, -1), {"anchor": anchors[None].expand(batch_size, -1, -1)}
 
-    def dn_position(self, boxes):
+    def box_query_position(self, boxes):
         return {"anchor": inverse_sigmoid(boxes, ANCHOR_EPS)}
 
     def decode(self, content, position, memory, padding_mask, pos, self_attn_mask):

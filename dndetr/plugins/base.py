@@ -1,0 +1,148 @@
+"""The query plug-in interface: extra decoder queries that exist only in training, with their own loss.
+
+A plug-in (DN-DETR's denoising, and successors such as Group DETR or hybrid matching) builds, from the targets, one
+block of extra decoder queries (content [B,P,d] + the model's positional query), says which other queries the block
+may see in the decoder's self-attention, and computes its own loss terms on the block's outputs. The shared forward
+pass (models/base.py) and the criterion call plug-ins through this interface only, so several can be on at once:
+each block gets its own slice of the query axis and the masks are composed (:func:`compose_mask`).
+
+The rule that keeps inference unchanged: the matching queries never see a block unless the block says so
+(``seen_by_matching``, DN without its attention mask), so at evaluation, when no block is built, the matching
+queries compute exactly what they computed in training.
+
+A plug-in's parameters are created under their own random generator (:func:`isolated_init`), so two runs that
+differ only in a plug-in share the initial values of every parameter they have in common.
+"""
+from __future__ import annotations
+
+import contextlib
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+PLUGINS: Dict[str, type] = {}
+
+
+def register_plugin(cls: type) -> type:
+    """Class decorator: ``cls.group`` is the plug-in's config group (and its name), ``cls.schema`` its dataclass."""
+    PLUGINS[cls.group] = cls
+    return cls
+
+
+@contextlib.contextmanager
+def isolated_init(name: str) -> Iterator[None]:
+    """Draw initial values from a generator seeded by (run seed, name) and leave the global RNG as it was."""
+    seed = (torch.initial_seed() * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass
+class QueryBlock:
+    """One plug-in's extra queries for one batch. Masks use nn.MultiheadAttention's convention: True = blocked."""
+
+    plugin: "QueryPlugin"
+    content: torch.Tensor  # [B, P, d]
+    position: Dict[str, torch.Tensor]  # the model's positional query, each [B, P, ...]
+    self_mask: Optional[torch.Tensor] = None  # [P, P] within the block; None = all visible
+    sees_matching: bool = True  # the block's rows may attend to the matching queries
+    seen_by_matching: bool = False  # the matching queries may attend to this block (breaks train/eval equality)
+    before_matching: bool = True  # where the block sits on the query axis
+    meta: dict = field(default_factory=dict)  # whatever the plug-in's loss needs (targets, slots, ...)
+    logits: Optional[torch.Tensor] = None  # [L, B, P, K], filled by the forward pass
+    boxes: Optional[torch.Tensor] = None  # [L, B, P, 4]
+
+    @property
+    def size(self) -> int:
+        return self.content.shape[1]
+
+
+class QueryPlugin(nn.Module, ABC):
+    group: str = ""  # config group and loss-term prefix (DN: dn)
+    schema: type = object
+    needs_box_queries = False  # the model must turn boxes into positional queries (``box_query_position``)
+
+    @staticmethod
+    @abstractmethod
+    def enabled(cfg) -> bool:
+        """Whether this configuration turns the plug-in on (off means: no module, no parameters, no RNG draws)."""
+
+    def adjust_matching(self, content: torch.Tensor, position: Dict[str, torch.Tensor]):
+        """Change the matching queries (training and inference alike); default: unchanged."""
+        return content, position
+
+    @abstractmethod
+    def build(self, targets: List[dict], content: torch.Tensor, model) -> Optional[QueryBlock]:
+        """The block of extra queries for this batch (training only); None for no block."""
+
+    @abstractmethod
+    def loss(self, block: QueryBlock, targets: List[dict], criterion, num_layers: int) -> Dict[str, torch.Tensor]:
+        """Weighted loss terms on the block's outputs of the last ``num_layers`` decoder layers, named without
+        the plug-in's prefix (``loss_ce``, ``loss_bbox_0``, ...)."""
+
+
+def build_plugins(cfg, num_classes: int, hidden_dim: int) -> nn.ModuleDict:
+    plugins = nn.ModuleDict()
+    for group, cls in PLUGINS.items():
+        plugin_cfg = getattr(cfg, group, None)
+        if plugin_cfg is not None and cls.enabled(plugin_cfg):
+            with isolated_init(f"plugin:{group}"):
+                plugins[group] = cls(plugin_cfg, num_classes, hidden_dim)
+    return plugins
+
+
+def assemble(blocks: List[QueryBlock], content: torch.Tensor, position: Dict[str, torch.Tensor]):
+    """Concatenate [blocks before | matching | blocks after] on the query axis; returns content, position, the
+    composed self-attention mask (None when nothing is blocked) and the matching queries' slice."""
+    before = [b for b in blocks if b.before_matching]
+    after = [b for b in blocks if not b.before_matching]
+    ordered = before + after
+    start = sum(b.size for b in before)
+    matching = slice(start, start + content.shape[1])
+    content = torch.cat([b.content for b in before] + [content] + [b.content for b in after], dim=1)
+    position = {key: torch.cat([b.position[key] for b in before] + [value] + [b.position[key] for b in after], dim=1)
+                for key, value in position.items()}
+    return content, position, compose_mask(ordered, matching, content.shape[1], content.device), matching
+
+
+def block_slices(blocks: List[QueryBlock], matching: slice) -> List[Tuple[QueryBlock, slice]]:
+    before = [b for b in blocks if b.before_matching]
+    after = [b for b in blocks if not b.before_matching]
+    slices, offset = [], 0
+    for b in before:
+        slices.append((b, slice(offset, offset + b.size)))
+        offset += b.size
+    offset = matching.stop
+    for b in after:
+        slices.append((b, slice(offset, offset + b.size)))
+        offset += b.size
+    return slices
+
+
+def compose_mask(blocks: List[QueryBlock], matching: slice, total: int, device) -> Optional[torch.Tensor]:
+    """[T, T] bool, True = blocked: matching rows see the matching queries (and blocks ``seen_by_matching``);
+    a block's rows see their own block (minus its ``self_mask``) and, if ``sees_matching``, the matching queries.
+    A block that is fully open (seen by and seeing the matching queries, no self mask) is visible to everyone."""
+    allowed = torch.zeros(total, total, dtype=torch.bool, device=device)
+    allowed[matching, matching] = True
+    spans = block_slices(blocks, matching)
+    for block, rows in spans:
+        allowed[rows, rows] = True if block.self_mask is None else ~block.self_mask
+        allowed[rows, matching] = block.sees_matching
+        allowed[matching, rows] = block.seen_by_matching
+        if block.sees_matching and block.seen_by_matching and block.self_mask is None:
+            allowed[:, rows] = True
+    blocked = ~allowed
+    return blocked if blocked.any() else None
+
+
+def split_outputs(blocks: List[QueryBlock], matching: slice, logits: torch.Tensor, boxes: torch.Tensor):
+    """Give each block its slice of the [L, B, T, ...] outputs; return the matching queries' part."""
+    for block, rows in block_slices(blocks, matching):
+        block.logits, block.boxes = logits[:, :, rows], boxes[:, :, rows]
+    return logits[:, :, matching], boxes[:, :, matching]
