@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dndetr.config import BackboneConfig, LossConfig, MatcherConfig
@@ -145,3 +146,14 @@ def test_channels_last_backbone_gives_the_same_features():
         nchw, nchw_mask = backbone(images, masks)
     assert torch.equal(nhwc_mask, nchw_mask) and nhwc.shape == nchw.shape == (2, 512, 2, 3)
     assert torch.allclose(nhwc, nchw, rtol=1e-4, atol=1e-4)
+
+
+def test_benchmark_flop_count_includes_fused_cpu_attention():
+    """The roofline columns of benchmarks/bench_step.py count SDPA's fused CPU kernels, forward and backward."""
+    from benchmarks.common import count_flops
+
+    q, k, v = (torch.randn(2, 4, n, 8, requires_grad=True) for n in (6, 10, 10))
+    forward = 2 * (2 * 4 * 6 * 10 * 8) * 2  # q k^T and weights @ v, 2 FLOPs per multiply-add
+    assert count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == forward
+    # torch's backward formula: the scores recomputed plus four gradient products, 5 products to the forward's 2.
+    assert count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward()) == forward * 7 // 2
