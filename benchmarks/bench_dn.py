@@ -2,8 +2,9 @@
 
 Two measures, in one run:
 
-- bookkeeping share: the time inside ``Denoising.prepare`` (noise, label embedding, query assembly, attention
-  mask), ``Denoising.split`` and ``SetCriterion.dn_losses``, measured by wrapping them, over the whole step time.
+- bookkeeping share: the time inside the DN plug-in's ``build`` (noise, label embedding, positional queries,
+  attention mask) and ``loss``, and the shared forward pass's ``assemble`` and ``split_outputs`` (query blocks in
+  and out of the decoder), measured by wrapping them, over the whole step time.
   This is their forward time only; the backward of the few index/embedding ops they add is inside loss.backward().
 - total step time at each number of DN groups against the same model without DN. The difference minus the
   bookkeeping is what the extra decoder queries (groups x the batch's largest object count) cost.
@@ -23,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (Stopwatch, build_ours, check_run_args, make_batch, make_optimizer,  # noqa: E402
-                               median, our_step, patched, save_results, timed)
-from dndetr.criterion import SetCriterion  # noqa: E402
-from dndetr.dn import Denoising  # noqa: E402
-from dndetr.matcher import HungarianMatcher  # noqa: E402
+from benchmarks.common import (PRECISIONS, Stopwatch, build_ours, check_run_args, make_batch,  # noqa: E402
+                               make_optimizer, median, our_step, patched, registered_models, save_results, timed,
+                               watching_our_matcher)
+from dndetr.models import base as model_base  # noqa: E402
+from dndetr.plugins.dn import Denoising  # noqa: E402
 
 
 def run(args) -> dict:
@@ -43,12 +44,14 @@ def run(args) -> dict:
     step = {g: [] for g in configs}
     bookkeeping = {g: [] for g in configs}
     matching = {g: [] for g in configs}
-    with patched(Denoising, "prepare", dn_watch), patched(Denoising, "split", dn_watch, static=True), \
-            patched(SetCriterion, "dn_losses", dn_watch), patched(HungarianMatcher, "__call__", match_watch):
+    with patched(Denoising, "build", dn_watch), patched(Denoising, "loss", dn_watch), \
+            patched(model_base, "assemble", dn_watch), patched(model_base, "split_outputs", dn_watch), \
+            watching_our_matcher(match_watch):
         for i in range(args.warmup + args.repeats):
             for groups, (model, criterion, optimizer) in configs.items():
                 torch.manual_seed(i)  # the same DN noise for every configuration with the same group count
-                elapsed = timed(lambda: our_step(model, criterion, optimizer, images, masks, targets), args.device)
+                elapsed = timed(lambda: our_step(model, criterion, optimizer, images, masks, targets, args.precision),
+                                args.device)
                 dn_time, match_time = dn_watch.take(), match_watch.take()
                 if i >= args.warmup:
                     step[groups].append(elapsed)
@@ -88,7 +91,7 @@ def print_table(result) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("detr", "conditional", "dab"), default="dab")
+    parser.add_argument("--model", choices=registered_models(), default="dab")
     parser.add_argument("--groups", default="1,5,10", help="comma-separated DN group counts (compared with 0)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -97,6 +100,7 @@ def main(argv=None) -> None:
     parser.add_argument("--objects", type=int, default=7, help="mean boxes per image (COCO: about 7)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="bf16: autocast")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     try:

@@ -2,10 +2,15 @@
 
 For each model family both implementations are built with the same bench config (benchmarks/common.py) and timed
 in the same process, alternating ours and the peer repeat by repeat so that load from other processes hits both.
-A training step is forward + loss + backward + clip + AdamW step; inference is one eval-mode forward under no_grad
-(no post-processing). The time spent in Hungarian matching is measured inside the step by wrapping the matchers.
+A training step is forward + loss (under bf16 autocast with ``--precision bf16``) + backward + clip + fused AdamW
+step; inference is one eval-mode forward under no_grad (no post-processing). Each variant (precision x dropout
+setting, and with ``--channels-last`` NCHW and NHWC backbones) is measured in this one process:
 
-    python benchmarks/bench_step.py --models detr,conditional,dab --repeats 5 --size 384 --device cpu --json out.json
+- dropout "default": each library's defaults; "matched": the peer gets our (the official) dropout everywhere, so
+  both sides do the same computation (``step_ratio`` in the JSON is ours/peer there, at the first precision).
+- roofline: the step's FLOPs (torch.utils.flop_counter) over the best measured matmul rate at that precision.
+
+    python benchmarks/bench_step.py --models detr,conditional,dab --precision fp32,bf16 --json out.json
 
 Outputs are not compared: transformers' DETR and Conditional DETR decoders normalise their running hidden state
 when auxiliary_loss=True (the official models do not), so only speed is comparable.
@@ -13,17 +18,21 @@ when auxiliary_loss=True (the official models do not), so only speed is comparab
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (Stopwatch, build_ours, build_peer, check_run_args, make_batch,  # noqa: E402
-                               make_optimizer, median, our_step, parse_names, patched, peer_step, save_results,
-                               timed)
-from dndetr.matcher import HungarianMatcher  # noqa: E402
+from benchmarks.common import (PRECISIONS, Stopwatch, as_input, autocast, build_ours, build_peer,  # noqa: E402
+                               check_run_args, count_flops, make_batch, make_optimizer, matmul_ceiling, median,
+                               our_step, parse_names, patched, peer_step, registered_models, save_results,
+                               set_channels_last, timed, watching_our_matcher)
+
+DROPOUTS = ("default", "matched")
 
 
 def peer_matchers():
@@ -33,104 +42,155 @@ def peer_matchers():
     return DetrHungarianMatcher, DeformableDetrHungarianMatcher
 
 
-def bench_model(name: str, args) -> dict:
+@contextmanager
+def watching_matchers(watches: dict):
+    """Time our matcher's and transformers' matchers' calls into ``watches["ours"]`` and ``watches["peer"]``."""
+    detr_matcher, deformable_matcher = peer_matchers()
+    with watching_our_matcher(watches["ours"]), \
+            patched(detr_matcher, "forward", watches["peer"]), patched(deformable_matcher, "forward", watches["peer"]):
+        yield
+
+
+def alternate(runs: dict, args, watches: dict = None) -> dict:
+    """Warm-ups, then ``repeats`` rounds of one call of each run, back to back: {who: [seconds]} (and the time in
+    the watched functions per call, under "<who>_watched")."""
+    times = {who: [] for who in runs}
+    for who in runs:
+        times[f"{who}_watched"] = []
+    for i in range(args.warmup + args.repeats):
+        for who, run in runs.items():
+            elapsed = timed(run, args.device)
+            watched = watches[who].take() if watches else 0.0
+            if i >= args.warmup:
+                times[who].append(elapsed)
+                times[f"{who}_watched"].append(watched)
+    return times
+
+
+def summarise(prefix: str, times: dict) -> dict:
+    """Medians (and minima) per side; the ratio is the median of the paired ours/peer ratios, which resists load
+    drift because the two ran back to back."""
+    out = {}
+    for who in ("ours", "peer"):
+        out[f"{prefix}_{who}_s"] = median(times[who])
+        out[f"{prefix}_{who}_min_s"] = min(times[who])
+        out[f"{prefix}_{who}_all_s"] = times[who]
+    out[f"{prefix}_ratio"] = median([o / p for o, p in zip(times["ours"], times["peer"])])
+    out[f"{prefix}_ratio_min"] = out[f"{prefix}_ours_min_s"] / out[f"{prefix}_peer_min_s"]
+    return out
+
+
+def step_row(row: dict, times: dict, result: dict, ceilings: dict) -> dict:
+    row.update(summarise("step", times))
+    for who in ("ours", "peer"):
+        row[f"matching_share_{who}"] = median([m / s for m, s in zip(times[f"{who}_watched"], times[who])])
+        # The step at the matmul ceiling, and how close the measured step comes to it.
+        row[f"roofline_{who}_s"] = result[f"flops_{who}"] / ceilings[row["precision"]]
+        row[f"roofline_share_{who}"] = row[f"roofline_{who}_s"] / row[f"step_{who}_s"]
+    return row
+
+
+def bench_model(name: str, args, ceilings: dict) -> dict:
     torch.manual_seed(0)
     images, masks, targets = make_batch(args.batch, args.size, args.objects, args.device)
     ours, criterion = build_ours(name, args.device)
-    peer = build_peer(name, args.device, args.match_dropout)
-    our_opt, peer_opt = make_optimizer(ours), make_optimizer(peer)
-    runs = {
-        "ours": lambda: our_step(ours, criterion, our_opt, images, masks, targets),
-        "peer": lambda: peer_step(peer, peer_opt, images, masks, targets),
-    }
-    step = {"ours": [], "peer": []}
-    matching = {"ours": [], "peer": []}
-    ours_watch, peer_watch = Stopwatch(args.device), Stopwatch(args.device)
-    detr_matcher, deformable_matcher = peer_matchers()
-    watches = {"ours": ours_watch, "peer": peer_watch}
-    ours.train(), peer.train()
-    with patched(HungarianMatcher, "__call__", ours_watch), patched(detr_matcher, "forward", peer_watch), \
-            patched(deformable_matcher, "forward", peer_watch):
-        for i in range(args.warmup + args.repeats):
-            for who, run in runs.items():
-                elapsed, matched = timed(run, args.device), watches[who].take()
-                if i >= args.warmup:
-                    step[who].append(elapsed)
-                    matching[who].append(matched)
+    peers = {dropout: build_peer(name, args.device, match_dropout=(dropout == "matched")) for dropout in args.dropout}
+    ours.train()
+    for peer in peers.values():
+        peer.train()
+    any_peer = next(iter(peers.values()))
+    result = {"model": name, "params_ours": sum(p.numel() for p in ours.parameters()),
+              "params_peer": sum(p.numel() for p in any_peer.parameters()),
+              "trainable_ours": sum(p.numel() for p in ours.parameters() if p.requires_grad),
+              "trainable_peer": sum(p.numel() for p in any_peer.parameters() if p.requires_grad),
+              "variants": [], "inference": []}
+    # FLOPs do not depend on precision, layout or dropout; counted once per side on a throwaway optimizer.
+    result["flops_ours"] = count_flops(lambda: our_step(ours, criterion, make_optimizer(ours), images, masks, targets))
+    result["flops_peer"] = count_flops(lambda: peer_step(any_peer, make_optimizer(any_peer), images, masks, targets))
 
-    infer = {"ours": [], "peer": []}
-    forwards = {
-        "ours": lambda: ours(images, masks),
-        "peer": lambda: peer(pixel_values=images, pixel_mask=(~masks).long()),
-    }
-    ours.eval(), peer.eval()
-    with torch.no_grad():
-        for i in range(args.warmup + args.repeats):
-            for who, forward in forwards.items():
-                elapsed = timed(forward, args.device)
-                if i >= args.warmup:
-                    infer[who].append(elapsed)
-
-    result = {"model": name}
-    for kind, times in (("step", step), ("infer", infer)):
-        for who in ("ours", "peer"):
-            result[f"{kind}_{who}_s"] = median(times[who])
-            result[f"{kind}_{who}_min_s"] = min(times[who])
-            result[f"{kind}_{who}_all_s"] = times[who]
-        # Ours and the peer ran back to back in each repeat: the median of the paired ratios resists load drift.
-        result[f"{kind}_ratio"] = median([o / p for o, p in zip(times["ours"], times["peer"])])
-        result[f"{kind}_ratio_min"] = result[f"{kind}_ours_min_s"] / result[f"{kind}_peer_min_s"]
-    for who in ("ours", "peer"):
-        result[f"matching_{who}_s"] = median(matching[who])
-        result[f"matching_share_{who}"] = median([m / s for m, s in zip(matching[who], step[who])])
-    result["params_ours"] = sum(p.numel() for p in ours.parameters())
-    result["params_peer"] = sum(p.numel() for p in peer.parameters())
-    result["trainable_ours"] = sum(p.numel() for p in ours.parameters() if p.requires_grad)
-    result["trainable_peer"] = sum(p.numel() for p in peer.parameters() if p.requires_grad)
+    watches = {"ours": Stopwatch(args.device), "peer": Stopwatch(args.device)}
+    with watching_matchers(watches):
+        for channels_last, precision in itertools.product(args.channels_last, args.precision):
+            inputs = as_input(images, channels_last)
+            for dropout, peer in peers.items():
+                set_channels_last(ours, peer, channels_last)
+                our_opt, peer_opt = make_optimizer(ours), make_optimizer(peer)  # state in the current layout
+                runs = {"ours": lambda: our_step(ours, criterion, our_opt, inputs, masks, targets, precision),
+                        "peer": lambda: peer_step(peer, peer_opt, inputs, masks, targets, precision)}
+                row = {"precision": precision, "dropout": dropout, "channels_last": channels_last}
+                result["variants"].append(step_row(row, alternate(runs, args, watches), result, ceilings))
+            infer = infer_times(ours, any_peer, inputs, masks, precision, args)
+            result["inference"].append({"precision": precision, "channels_last": channels_last,
+                                        **summarise("infer", infer)})
+            ours.train(), any_peer.train()
+    equal = [r for r in result["variants"] if r["dropout"] == "matched"] or result["variants"]
+    result["step_ratio"] = equal[0]["step_ratio"]  # ours/peer at equal settings (dropout matched)
     return result
 
 
-def print_table(results) -> None:
-    """Medians (min) in seconds; ratio = median over repeats of ours/peer (ratio of the minima)."""
-    print(f"{'model':<12}{'step ours':>16}{'step HF':>16}{'ratio':>12}{'infer ours':>16}{'infer HF':>16}"
-          f"{'ratio':>12}{'match% ours':>12}{'match% HF':>10}")
+def infer_times(ours, peer, images, masks, precision: str, args) -> dict:
+    forwards = {"ours": lambda: ours(images, masks),
+                "peer": lambda: peer(pixel_values=images, pixel_mask=(~masks).long())}
+    ours.eval(), peer.eval()
+    with torch.no_grad(), autocast(precision, args.device):
+        return alternate(forwards, args)
+
+
+def print_tables(results) -> None:
+    """Medians in seconds; ratio = median over repeats of ours/peer (ratio of the minima)."""
+    print(f"{'model':<12}{'prec':<6}{'dropout':<9}{'NHWC':<6}{'step ours':>9}{'step HF':>9}{'ratio':>13}"
+          f"{'roof ours':>10}{'roof HF':>9}{'match% ours':>12}{'HF':>7}")
     for r in results:
-        cells = [f"{r['model']:<12}"]
-        for kind in ("step", "infer"):
-            for who in ("ours", "peer"):
-                cells.append(f"{r[f'{kind}_{who}_s']:>8.3f} ({r[f'{kind}_{who}_min_s']:.3f})")
-            cells.append(f"{r[f'{kind}_ratio']:>6.2f} ({r[f'{kind}_ratio_min']:.2f})")
-        cells.append(f"{100 * r['matching_share_ours']:>11.2f}%{100 * r['matching_share_peer']:>9.2f}%")
-        print("".join(cells))
+        for v in r["variants"]:
+            print(f"{r['model']:<12}{v['precision']:<6}{v['dropout']:<9}{'yes' if v['channels_last'] else 'no':<6}"
+                  f"{v['step_ours_s']:>9.3f}{v['step_peer_s']:>9.3f}{v['step_ratio']:>7.2f} ({v['step_ratio_min']:.2f})"
+                  f"{100 * v['roofline_share_ours']:>9.0f}%{100 * v['roofline_share_peer']:>8.0f}%"
+                  f"{100 * v['matching_share_ours']:>11.2f}%{100 * v['matching_share_peer']:>6.2f}%")
+    print(f"\n{'model':<12}{'prec':<6}{'NHWC':<6}{'infer ours':>11}{'infer HF':>10}{'ratio':>13}")
+    for r in results:
+        for v in r["inference"]:
+            print(f"{r['model']:<12}{v['precision']:<6}{'yes' if v['channels_last'] else 'no':<6}"
+                  f"{v['infer_ours_s']:>11.3f}{v['infer_peer_s']:>10.3f}"
+                  f"{v['infer_ratio']:>7.2f} ({v['infer_ratio_min']:.2f})")
+    print("\nroof = the step's FLOPs at the measured matmul ceiling / the measured step (100% = compute-bound)")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="detr,conditional,dab")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--models", default=",".join(registered_models(with_peer=True)),
+                        help="comma-separated registered models that have a transformers peer")
+    parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
+    parser.add_argument("--dropout", default="default,matched",
+                        help="comma-separated: default (each library's), matched (the peer gets ours everywhere)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="measure NHWC backbones on both sides as well as NCHW")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--objects", type=int, default=7, help="mean boxes per image (COCO: about 7)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
-    parser.add_argument("--match-dropout", action="store_true",
-                        help="give the peers our dropout everywhere (attention, FFN activation, residual)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     try:
-        names = parse_names(args.models)
+        names = parse_names(args.models, registered_models(with_peer=True))
+        args.precision = parse_names(args.precision, tuple(PRECISIONS), "--precision")
+        args.dropout = parse_names(args.dropout, DROPOUTS, "--dropout")
     except ValueError as err:
         parser.error(str(err))
+    args.channels_last = [False, True] if args.channels_last else [False]
     check_run_args(parser, args)
 
+    ceilings = {precision: matmul_ceiling(precision, args.device) for precision in args.precision}
+    print("matmul ceiling: " + ", ".join(f"{p} {c / 1e9:.0f} GFLOP/s" for p, c in ceilings.items()))
     results = []
     for name in names:
-        results.append(bench_model(name, args))
-        print_table(results[-1:])
-    print()
-    print_table(results)
-    save_results(args, "results", results)
+        results.append(bench_model(name, args, ceilings))
+        print_tables(results[-1:])
+        print()
+    print_tables(results)
+    save_results(args, "results", {"matmul_ceiling_flops": ceilings, "models": results})
 
 
 if __name__ == "__main__":

@@ -1,63 +1,70 @@
 """What the step and DN benchmarks share: the bench config, a synthetic batch, our models and their Hugging Face
-peers built with random weights (nothing is downloaded), one training step, and timing helpers.
+peers built with random weights (nothing is downloaded), one training step, FLOP counting and timing helpers.
 
-Bench config: ResNet-18 (random init, stem and layer1 frozen, frozen BN), 6+6 layers, d=256, FFN 2048, 8 heads,
-91 classes, aux loss on, 100 queries for DETR and 300 for Conditional/DAB-DETR, each model's official defaults
-otherwise (losses, matcher costs, DAB's PReLU, dropout 0 and image PE temperature 20).
+Bench config: each registered model as published (``conf/model/<name>.yaml`` with its loss and matcher groups,
+composed by Hydra without the CPU experiment), with a ResNet-18 (random init, stem and layer1 frozen, frozen BN),
+aux loss on and 91 classes: 6+6 layers, d=256, FFN 2048, 8 heads, each model's queries, dropout, losses and costs.
 """
 from __future__ import annotations
 
 import functools
 import json
-import sys
 import statistics
+import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
 
-from dndetr.config import BackboneConfig, Config, MatcherConfig, ModelConfig
-from dndetr.criterion import SetCriterion
-from dndetr.matcher import HungarianMatcher
-from dndetr.models import build_model
-from dndetr.plugins.dn import DNConfig
+from dndetr.config import Config, register_configs, validate
+from dndetr.criterion import build_criterion
+from dndetr.models import MODELS, build_model
 
 NUM_CLASSES = 91  # COCO: max category id + 1
-MODEL_NAMES = ("detr", "conditional", "dab")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COUNT_OFFSETS = (-2, 2, -1, 1, 0)
-
-# Differences from ModelConfig/MatcherConfig defaults, from each paper's official main.py (shared spec models.md).
-OFFICIAL = {
-    "detr": ({"num_queries": 100}, {}),
-    "conditional": ({"num_queries": 300, "class_loss": "focal", "loss_class": 2.0},
-                    {"class_cost": "focal", "cost_class": 2.0}),
-    "dab": ({"num_queries": 300, "class_loss": "focal", "loss_class": 1.0, "dropout": 0.0, "activation": "prelu",
-             "pe_temperature": 20.0}, {"class_cost": "focal", "cost_class": 2.0}),
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# The registered models' counterparts in transformers (config class, model class); a model without one is
+# benchmarked alone (bench_dn) but not against a peer (bench_step).
+PEERS = {
+    "detr": ("DetrConfig", "DetrForObjectDetection"),
+    "conditional": ("ConditionalDetrConfig", "ConditionalDetrForObjectDetection"),
+    "dab": ("DabDetrConfig", "DabDetrForObjectDetection"),
 }
 
 
-def parse_names(text: str, allowed=MODEL_NAMES) -> List[str]:
+def parse_names(text: str, allowed, option: str = "--models") -> List[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     bad = [n for n in names if n not in allowed]
     if bad or not names:
-        raise ValueError(f"--models={text!r} is invalid: use a comma-separated subset of {','.join(allowed)}")
+        raise ValueError(f"{option}={text!r} is invalid: use a comma-separated subset of {','.join(allowed)}")
     return names
 
 
+def registered_models(with_peer: bool = False) -> List[str]:
+    return sorted(name for name in MODELS if name in PEERS or not with_peer)
+
+
+def compose_config(overrides: List[str]) -> Config:
+    """The published configuration (without the default CPU experiment) with these Hydra overrides."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return validate(compose("config", overrides=["~experiment"] + overrides))
+
+
 def bench_config(name: str, dn_groups: int = 0) -> Config:
-    model_overrides, matcher_overrides = OFFICIAL[name]
-    return Config(model=ModelConfig(name=name, backbone=BackboneConfig(name="resnet18"), aux_loss=True,
-                                    **model_overrides),
-                  matcher=MatcherConfig(**matcher_overrides), dn=DNConfig(groups=dn_groups))
+    return compose_config([f"model={name}", "model.backbone.name=resnet18", "model.aux_loss=true",
+                           f"dn.groups={dn_groups}"])
 
 
 def build_ours(name: str, device: str, dn_groups: int = 0):
     """(model, criterion) in training mode."""
     cfg = bench_config(name, dn_groups)
-    model = build_model(cfg, NUM_CLASSES).to(device)
-    criterion = SetCriterion(HungarianMatcher(cfg.matcher), NUM_CLASSES, cfg.model, cfg.dn.loss_weight).to(device)
-    return model, criterion
+    return build_model(cfg, NUM_CLASSES).to(device), build_criterion(cfg, NUM_CLASSES).to(device)
 
 
 def build_peer(name: str, device: str, match_dropout: bool = False):
@@ -70,11 +77,7 @@ def build_peer(name: str, device: str, match_dropout: bool = False):
 
     resnet18 = hf.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
                                layer_type="basic", out_features=["stage4"])
-    config_class, model_class = {
-        "detr": (hf.DetrConfig, hf.DetrForObjectDetection),
-        "conditional": (hf.ConditionalDetrConfig, hf.ConditionalDetrForObjectDetection),
-        "dab": (hf.DabDetrConfig, hf.DabDetrForObjectDetection),
-    }[name]
+    config_class, model_class = (getattr(hf, attribute) for attribute in PEERS[name])
     ours = bench_config(name).model
     dropout = {"dropout": ours.dropout, "attention_dropout": ours.dropout, "activation_dropout": ours.dropout}
     model = model_class(config_class(backbone_config=resnet18, num_labels=NUM_CLASSES, auxiliary_loss=True,
@@ -107,7 +110,24 @@ def peer_labels(targets: List[dict]) -> List[dict]:
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
+    """The engine's optimizer, for both sides: fused AdamW (one kernel for all parameters)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4,
+                             fused=True)
+
+
+def autocast(precision: str, device: str):
+    """bf16: torch.autocast around forward and loss (backward and optimizer outside), for ours and the peer."""
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=PRECISIONS[precision] is torch.bfloat16)
+
+
+def set_channels_last(ours, peer, enabled: bool) -> None:
+    """NHWC or NCHW backbone weights on both sides (the images follow in ``as_input``)."""
+    ours.backbone.set_channels_last(enabled)
+    peer.get_submodule("model.backbone").to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+
+def as_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def optimizer_step(model, optimizer, loss: torch.Tensor) -> None:
@@ -117,14 +137,42 @@ def optimizer_step(model, optimizer, loss: torch.Tensor) -> None:
     optimizer.step()
 
 
-def our_step(model, criterion, optimizer, images, masks, targets) -> None:
-    losses = criterion(model(images, masks, targets), targets)
-    optimizer_step(model, optimizer, sum(losses.values()))
-
-
-def peer_step(model, optimizer, images, masks, targets) -> None:
-    loss = model(pixel_values=images, pixel_mask=(~masks).long(), labels=peer_labels(targets)).loss
+def our_step(model, criterion, optimizer, images, masks, targets, precision: str = "fp32") -> None:
+    with autocast(precision, images.device.type):
+        loss = sum(criterion(model(images, masks, targets), targets).values())
     optimizer_step(model, optimizer, loss)
+
+
+def peer_step(model, optimizer, images, masks, targets, precision: str = "fp32") -> None:
+    with autocast(precision, images.device.type):
+        loss = model(pixel_values=images, pixel_mask=(~masks).long(), labels=peer_labels(targets)).loss
+    optimizer_step(model, optimizer, loss)
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """FLOPs of everything ``fn`` runs (matmuls, convolutions, attention; forward and backward) as counted by
+    torch.utils.flop_counter, which has no formula for SDPA's fused CPU kernels: they get SDPA's usual one here."""
+    from torch.utils import flop_counter
+
+    aten = torch.ops.aten
+    cpu_sdpa = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *args, out_shape=None, **kwargs: flop_counter.sdpa_backward_flop_count(grad, q, k,
+                                                                                                         v),
+    }
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_ceiling(precision: str, device: str, size: int = 2048, repeats: int = 5) -> float:
+    """The best FLOP/s of a square matmul at this precision: the compute roof of the roofline columns."""
+    dtype = PRECISIONS[precision]
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    best = min(timed(lambda: a @ b, device) for _ in range(repeats + 1))
+    return 2 * size ** 3 / best
 
 
 def sync(device: str) -> None:
@@ -168,16 +216,24 @@ class Stopwatch:
 
 
 @contextmanager
-def patched(owner, attribute: str, stopwatch: Stopwatch, static: bool = False):
-    """Time every call of ``owner.attribute`` (a class attribute, so every instance is covered) while active."""
+def patched(owner, attribute: str, stopwatch: Stopwatch):
+    """Time every call of ``owner.attribute`` (a class attribute, so every instance is covered, or a module's
+    function, as the callers that look it up there see it) while active."""
     original = owner.__dict__[attribute]
-    fn = original.__func__ if static else original
-    wrapped = stopwatch.wrap(fn)
-    setattr(owner, attribute, staticmethod(wrapped) if static else wrapped)
+    setattr(owner, attribute, stopwatch.wrap(original))
     try:
         yield stopwatch
     finally:
         setattr(owner, attribute, original)
+
+
+@contextmanager
+def watching_our_matcher(stopwatch: Stopwatch):
+    """Our Hungarian matching, whichever entry point the criterion uses (one layer, or all layers at once)."""
+    from dndetr.matcher import HungarianMatcher
+
+    with patched(HungarianMatcher, "__call__", stopwatch), patched(HungarianMatcher, "match_layers", stopwatch):
+        yield stopwatch
 
 
 def environment(threads: int, device: str) -> Dict[str, object]:

@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from dndetr.config import BackboneConfig, DataConfig, DNConfig, MatcherConfig, ModelConfig, SyntheticConfig
-from dndetr.criterion import SetCriterion
-from dndetr.data import CocoDetection, build_transforms, collate, ensure_synthetic, num_classes
-from dndetr.matcher import HungarianMatcher
-from dndetr.models import DABDETR
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# DN-DAB-DETR's defaults (spec 3: dropout 0, focal loss, matcher cost_class 2) scaled down to a CPU.
-MODEL = ModelConfig(name="dab", backbone=BackboneConfig(name="resnet18"), hidden_dim=64, nheads=4, enc_layers=2,
-                    dec_layers=2, dim_feedforward=128, dropout=0.0, num_queries=20, pe_temperature=20.0,
-                    class_loss="focal")
-MATCHER = MatcherConfig(cost_class=2.0, class_cost="focal")
+from benchmarks.common import compose_config  # noqa: E402
+from dndetr.config import DataConfig, SyntheticConfig  # noqa: E402
+from dndetr.criterion import build_criterion  # noqa: E402
+from dndetr.data import CocoDetection, build_transforms, collate, ensure_synthetic, num_classes  # noqa: E402
+from dndetr.models import build_model  # noqa: E402
+
+# DN-DAB-DETR as published (conf/model/dab.yaml: dropout 0, focal loss, matcher cost_class 2) scaled down to a CPU.
+TINY_DAB = ["model=dab", "model.backbone.name=resnet18", "model.hidden_dim=64", "model.nheads=4", "model.enc_layers=2",
+            "model.dec_layers=2", "model.dim_feedforward=128", "model.num_queries=20"]
 
 
 def load_batch(root: Path, num_images: int, image_size: int):
@@ -38,13 +39,12 @@ def load_batch(root: Path, num_images: int, image_size: int):
     return (*collate([data[i] for i in range(len(data))]), num_classes(data))
 
 
-def matching_curve(batch, classes: int, dn_groups: int, seed: int, steps: int, lr: float,
-                   model_cfg: ModelConfig = MODEL) -> list:
+def matching_curve(batch, classes: int, dn_groups: int, seed: int, steps: int, lr: float) -> list:
     """The matching part's training loss after each of ``steps`` full-batch AdamW steps."""
     images, masks, targets = batch
+    cfg = compose_config(TINY_DAB + [f"dn.groups={dn_groups}"])
     torch.manual_seed(seed)
-    model = DABDETR(model_cfg, classes, DNConfig(groups=dn_groups), train_backbone=True)
-    criterion = SetCriterion(HungarianMatcher(MATCHER), classes, model_cfg)
+    model, criterion = build_model(cfg, classes), build_criterion(cfg, classes)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     model.train()

@@ -14,6 +14,8 @@ from scipy.optimize import linear_sum_assignment
 from .boxes import cxcywh_to_xyxy, generalized_box_iou
 from .config import ConfigError, LossConfig, MatcherConfig
 
+Indices = List[Tuple[torch.Tensor, torch.Tensor]]
+
 
 def position_modulation(giou: torch.Tensor, batch_size: int, sizes: List[int]) -> torch.Tensor:
     """Stable-DINO's s' = (GIoU + 1) / 2 for every (query, target) pair of the flattened batch [B*Q, T], rescaled
@@ -50,33 +52,47 @@ class HungarianMatcher:
         return positive - negative
 
     @torch.no_grad()
-    def cost_matrices(self, outputs: dict, targets: List[dict]) -> List[torch.Tensor]:
-        """One [Q, n_i] cost matrix per image, on the CPU."""
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        B, Q = logits.shape[:2]
-        labels = torch.cat([t["labels"] for t in targets])
-        target_boxes = torch.cat([t["boxes"] for t in targets])
-        if len(labels) == 0:
-            return [logits.new_zeros(Q, 0).cpu() for _ in targets]
-        logits, boxes = logits.flatten(0, 1).float(), boxes.flatten(0, 1).float()
+    def layer_costs(self, layers: List[dict], targets: List[dict]) -> List[List[torch.Tensor]]:
+        """Per layer, one [Q, n_i] cost matrix per image, on the CPU: every layer's predictions against every
+        target box in one batched computation and one device-to-host copy (the layers must share B and Q)."""
+        logits = torch.stack([out["pred_logits"] for out in layers])
+        boxes = torch.stack([out["pred_boxes"] for out in layers])
+        L, B, Q = logits.shape[:3]
         sizes = [len(t["labels"]) for t in targets]
+        if sum(sizes) == 0:
+            return [[logits.new_zeros(Q, 0).cpu() for _ in targets] for _ in layers]
+        labels = torch.cat([t["labels"] for t in targets])
+        target_boxes = torch.cat([t["boxes"] for t in targets]).float()
+        logits, boxes = logits.flatten(0, 2).float(), boxes.flatten(0, 2).float()
         giou = generalized_box_iou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(target_boxes), self.loss.giou_eps)
         modulation = None
-        if self.cfg.position_beta > 0:
-            modulation = position_modulation(giou, B, sizes) ** self.cfg.position_beta
+        if self.cfg.position_beta > 0:  # per layer: the rescaling is per image
+            modulation = torch.cat([position_modulation(layer, B, sizes) for layer in giou.view(L, B * Q, -1)])
+            modulation = modulation ** self.cfg.position_beta
         cost = (self.cfg.cost_bbox * torch.cdist(boxes, target_boxes, p=1)
                 + self.cfg.cost_class * self.class_cost(logits, labels, modulation) - self.cfg.cost_giou * giou)
+        cost = cost.cpu()  # the only host sync; the finiteness check below runs on the copy
         if not torch.isfinite(cost).all():
             raise FloatingPointError("non-finite matching cost: the model's outputs contain NaN or Inf")
-        return [c[i] for i, c in enumerate(cost.view(B, Q, -1).cpu().split(sizes, dim=-1))]
+        per_image = cost.view(L, B, Q, -1).split(sizes, dim=-1)  # per image: [L, B, Q, n_i]
+        return [[c[layer, i] for i, c in enumerate(per_image)] for layer in range(L)]
 
-    def assign(self, costs: List[torch.Tensor]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    def cost_matrices(self, outputs: dict, targets: List[dict]) -> List[torch.Tensor]:
+        """One [Q, n_i] cost matrix per image, on the CPU."""
+        return self.layer_costs([outputs], targets)[0]
+
+    def assign(self, costs: List[torch.Tensor]) -> Indices:
         indices = []
         for cost in costs:
             rows, cols = linear_sum_assignment(cost.numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
 
-    def __call__(self, outputs: dict, targets: List[dict]) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    def __call__(self, outputs: dict, targets: List[dict]) -> Indices:
         """Per image: (query indices, target indices), sorted by query index."""
         return self.assign(self.cost_matrices(outputs, targets))
+
+    def match_layers(self, layers: List[dict], targets: List[dict]) -> List[Indices]:
+        """``__call__`` for several decoder layers' outputs at once (e.g. the last layer and the aux outputs):
+        the same assignments, with one batched cost computation and one host transfer instead of one per layer."""
+        return [self.assign(costs) for costs in self.layer_costs(layers, targets)]

@@ -1,7 +1,10 @@
 """ResNet backbone with frozen batch norm, as in DETR: the stem and layer1 stay frozen.
 
 Single-scale models use one output (C5, or C4 at CPU scale); multi-scale models (Deformable DETR) ask for several
-stages with ``layers`` and call :meth:`Backbone.levels`."""
+stages with ``layers`` and call :meth:`Backbone.levels`. The convolutions run channels_last (NHWC) by default:
+oneDNN's and cuDNN's NHWC kernels are faster than NCHW ones (docs/benchmarks.md); only the memory layout of the
+weights and activations changes, not their values.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +37,8 @@ def load_resnet_weights(resnet: nn.Module, path: str) -> None:
 
 
 class Backbone(nn.Module):
-    def __init__(self, cfg: BackboneConfig, train_backbone: bool = True, layers: Optional[Sequence[str]] = None):
+    def __init__(self, cfg: BackboneConfig, train_backbone: bool = True, layers: Optional[Sequence[str]] = None,
+                 channels_last: bool = True):
         super().__init__()
         if cfg.dilation and cfg.name in ("resnet18", "resnet34"):
             raise ConfigError(f"model.backbone.dilation=True is invalid for {cfg.name}: DC5 needs resnet50/101")
@@ -54,13 +58,19 @@ class Backbone(nn.Module):
         scale = 1 if cfg.name in ("resnet18", "resnet34") else 4  # bottleneck blocks expand channels 4x
         self.channels = [widths[name] * scale for name in layers]
         self.num_channels = self.channels[-1]
+        self.set_channels_last(channels_last)
+
+    def set_channels_last(self, enabled: bool) -> None:
+        """Lay the convolution weights (and, in forward, the images) out as NHWC, or back as NCHW."""
+        self.channels_last = enabled
+        self.body.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     def levels(self, images: torch.Tensor, masks: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """(features, padding mask) for every requested stage, in the order of ``layers``."""
-        outputs = []
-        for features in self.body(images).values():
-            outputs.append((features, downsample_mask(masks, features.shape[-2:])))
-        return outputs
+        """(features, padding mask) for every requested stage, in the order of ``layers``. The features stay NHWC:
+        a 1x1 input projection then flattens them to [B, HW, d] without a copy."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return [(features, downsample_mask(masks, features.shape[-2:])) for features in self.body(images).values()]
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor):
         return self.levels(images, masks)[-1]

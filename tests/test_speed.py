@@ -1,0 +1,159 @@
+"""The speed paths keep the results: batched matching of all layers, the CPU dropout, the attention module, and
+the channels_last backbone."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dndetr.config import BackboneConfig, LossConfig, MatcherConfig
+from dndetr.matcher import HungarianMatcher
+from dndetr.models.backbone import Backbone
+from dndetr.models.transformer import Dropout, MultiheadAttention, attention, dropout, keep_mask
+
+
+def layer_outputs(num_layers: int, batch: int, queries: int, classes: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"pred_logits": torch.randn(batch, queries, classes, generator=gen),
+             "pred_boxes": torch.rand(batch, queries, 4, generator=gen) * 0.5 + 0.25} for _ in range(num_layers)]
+
+
+def boxes_and_labels(counts, classes: int, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"labels": torch.randint(0, classes, (n,), generator=gen),
+             "boxes": torch.rand(n, 4, generator=gen) * 0.5 + 0.25} for n in counts]
+
+
+@pytest.mark.parametrize("class_loss", ["ce", "focal"])
+@pytest.mark.parametrize("counts", [(3, 0, 5), (0, 0, 0), (1, 7, 2)])
+def test_match_layers_equals_per_layer_matching(class_loss, counts):
+    matcher = HungarianMatcher(MatcherConfig(), LossConfig(class_loss=class_loss, giou_eps=1e-6))
+    layers = layer_outputs(num_layers=4, batch=len(counts), queries=9, classes=6)
+    targets = boxes_and_labels(counts, classes=6)
+    batched = matcher.match_layers(layers, targets)
+    assert len(batched) == len(layers)
+    for layer, indices in zip(layers, batched):
+        expected = matcher(layer, targets)
+        assert len(indices) == len(expected) == len(counts)
+        for (rows, cols), (exp_rows, exp_cols) in zip(indices, expected):
+            assert torch.equal(rows, exp_rows) and torch.equal(cols, exp_cols)
+    # The batched costs are the per-layer costs, exactly.
+    for layer, costs in zip(layers, matcher.layer_costs(layers, targets)):
+        for cost, expected, n in zip(costs, matcher.cost_matrices(layer, targets), counts):
+            assert cost.shape == (9, n) and torch.equal(cost, expected)
+
+
+def test_match_layers_refuses_non_finite_outputs():
+    matcher = HungarianMatcher(MatcherConfig(), LossConfig())
+    layers = layer_outputs(num_layers=3, batch=2, queries=5, classes=4)
+    layers[1]["pred_boxes"][0, 2, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite matching cost"):
+        matcher.match_layers(layers, boxes_and_labels((2, 3), classes=4))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_mask_keeps_each_element_with_probability_one_minus_p(p):
+    torch.manual_seed(0)
+    x = torch.empty(1001, 999)  # odd element count: the last int64 word is half used
+    mask = keep_mask(x, p)
+    assert mask.shape == x.shape and mask.dtype == torch.bool
+    flat = mask.flatten().float()
+    sigma = (p * (1 - p) / (flat.numel() / 2)) ** 0.5
+    # Both 31-bit lanes of the random words (even and odd elements) are unbiased, and they are not the same bits.
+    for lane in (flat[0::2], flat[1::2]):
+        assert abs(lane.mean().item() - (1 - p)) < 5 * sigma
+    assert (flat[0:-1:2] != flat[1::2]).float().mean().item() == pytest.approx(2 * p * (1 - p), abs=0.01)
+
+
+def test_dropout_zeroes_or_rescales_and_passes_gradients_through_the_kept_elements():
+    torch.manual_seed(0)
+    x = (torch.rand(64, 300) + 0.5).requires_grad_()
+    y = dropout(x, 0.25, training=True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.02
+    assert torch.allclose(y[kept], x[kept] / 0.75)
+    y.sum().backward()
+    assert torch.allclose(x.grad, kept.float() / 0.75)
+    assert dropout(x, 0.25, training=False) is x
+    module = Dropout(0.25).eval()
+    assert module(x) is x
+
+
+def reference_attention(d: int, nheads: int) -> nn.MultiheadAttention:
+    torch.manual_seed(0)
+    reference = nn.MultiheadAttention(d, nheads, batch_first=True)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.normal_()  # non-zero biases too, so a misplaced bias slice would show
+    return reference
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_multihead_attention_matches_torch_with_masks(self_attention):
+    d, nheads = 16, 4
+    reference = reference_attention(d, nheads)
+    ours = MultiheadAttention(d, nheads, dropout=0.0)
+    assert sorted(ours.state_dict()) == sorted(reference.state_dict())  # the official key layout
+    ours.load_state_dict(reference.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    query = torch.randn(2, 5, d, generator=gen)
+    key = query if self_attention else torch.randn(2, 7, d, generator=gen)
+    value = torch.randn(2, key.shape[1], d, generator=gen)
+    padding = torch.zeros(2, key.shape[1], dtype=torch.bool)
+    padding[1, -2:] = True
+    attn_mask = torch.zeros(5, key.shape[1], dtype=torch.bool)
+    attn_mask[0, 1] = attn_mask[3, 0] = True
+    expected = reference(query, key, value, key_padding_mask=padding, attn_mask=attn_mask, need_weights=False)[0]
+    assert torch.allclose(ours(query, key, value, attn_mask=attn_mask, padding_mask=padding), expected, atol=1e-5)
+
+
+def test_cpu_dropout_attention_path_computes_what_sdpa_computes():
+    """With a probability too small to drop anything, the explicit path (used for dropout > 0 on the CPU) must give
+    SDPA's result, masks included."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 6, 16, generator=gen), torch.randn(2, 9, 16, generator=gen), torch.randn(2, 9, 8,
+                                                                                                     generator=gen)
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[0, -3:] = True
+    attn_mask = torch.zeros(6, 9, dtype=torch.bool)
+    attn_mask[2, :4] = True
+    explicit = attention(q, k, v, 4, 1e-12, attn_mask, padding)
+    fused = attention(q, k, v, 4, 0.0, attn_mask, padding)
+    assert explicit.shape == (2, 6, 8) and torch.allclose(explicit, fused, atol=1e-5)
+
+
+def test_attention_dropout_drops_attention_weights_at_rate_p():
+    """Uniform attention over identical values of 1: each output is the kept fraction of the row / (1 - p)."""
+    torch.manual_seed(0)
+    q, k = torch.zeros(1, 200, 8), torch.zeros(1, 400, 8)
+    out = attention(q, k, torch.ones(1, 400, 8), nheads=1, dropout_p=0.3)
+    assert out.mean().item() == pytest.approx(1.0, abs=0.01)
+    assert out.std().item() > 0.01  # rows differ: weights were dropped, not the output rescaled
+
+
+def test_channels_last_backbone_gives_the_same_features():
+    torch.manual_seed(0)
+    backbone = Backbone(BackboneConfig(name="resnet18"), channels_last=True).eval()
+    weight = backbone.body.conv1.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    images, masks = torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool)
+    masks[1, :, 64:] = True
+    with torch.no_grad():
+        nhwc, nhwc_mask = backbone(images, masks)
+        backbone.set_channels_last(False)
+        assert backbone.body.conv1.weight.is_contiguous()
+        nchw, nchw_mask = backbone(images, masks)
+    assert torch.equal(nhwc_mask, nchw_mask) and nhwc.shape == nchw.shape == (2, 512, 2, 3)
+    assert torch.allclose(nhwc, nchw, rtol=1e-4, atol=1e-4)
+
+
+def test_benchmark_flop_count_includes_fused_cpu_attention():
+    """The roofline columns of benchmarks/bench_step.py count SDPA's fused CPU kernels, forward and backward."""
+    from benchmarks.common import count_flops
+
+    q, k, v = (torch.randn(2, 4, n, 8, requires_grad=True) for n in (6, 10, 10))
+    forward = 2 * (2 * 4 * 6 * 10 * 8) * 2  # q k^T and weights @ v, 2 FLOPs per multiply-add
+    assert count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == forward
+    # torch's backward formula: the scores recomputed plus four gradient products, 5 products to the forward's 2.
+    assert count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward()) == forward * 7 // 2
