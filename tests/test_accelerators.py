@@ -426,6 +426,28 @@ def test_model_without_query_parameters_is_refused(monkeypatch):
         build("detr", group=2)
 
 
+@pytest.mark.parametrize("plugin", [{"group": 2}, {"hybrid": 4}])
+def test_two_stage_deformable_refuses_extra_matching_queries(plugin):
+    """Two-stage Deformable DETR's queries are encoder proposals: no rows to draw more from (one ConfigError line)."""
+    with pytest.raises(ConfigError, match=r"^model.two_stage=true is invalid with extra matching queries: [^\n]*$"):
+        build("deformable", **plugin, box_refine=True, two_stage=True)
+    assert build("deformable", **plugin, box_refine=True).plugins  # one-stage: the same plug-in is fine
+
+
+@pytest.mark.parametrize("name, modules", [("deformable", {"query_embed"}),
+                                           ("dab_deformable", {"refpoint_embed", "tgt_embed"}),
+                                           ("dab_deformable_enc", {"refpoint_embed"})])
+def test_deformable_extra_queries_are_made_like_their_own(name, modules):
+    """With DN on (DAB-Deformable's content then leaves room for DN's indicator bit), every extra group has rows
+    of each per-query parameter, shaped as the model's own, drawn anew."""
+    model = build(name, DNConfig(groups=2), group=3)
+    for rows in model.plugins["group"].extra:
+        assert set(rows) == modules
+        for key, value in rows.items():
+            own = getattr(model, key).weight
+            assert value.shape == own.shape and not torch.allclose(value, own)
+
+
 def test_study_claims_name_existing_presets():
     """conf/study/accel_study.yaml parses, and each of its settings is a study preset that composes."""
     import yaml

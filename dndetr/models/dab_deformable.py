@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .deformable_base import DeformableBase, MultiScaleConfig, random_anchor_centres
+from .dab import DABDETR
+from .deformable_base import DeformableBase, MultiScaleConfig
 from .deformable_transformer import DeformableDecoderLayer, decoder_stack, reset_deformable_attention
 from .position_encoding import box_sine_embedding
 from .registry import register_model
@@ -31,6 +32,8 @@ class DABDeformableDETR(DeformableBase):
     # With denoising, the matching content stays tgt_embed alone (the official DN-DAB-Deformable-DETR; DN-DAB-DETR
     # adds the "unknown" label embedding instead).
     plugin_content = False
+    query_modules = ("refpoint_embed", "tgt_embed")
+    init_anchors = DABDETR.init_anchors  # random_refpoints_xy, as DAB-DETR
 
     def __init__(self, cfg, num_classes, **options):
         super().__init__(cfg, num_classes, **options)
@@ -44,18 +47,22 @@ class DABDeformableDETR(DeformableBase):
         reset_deformable_attention(self.encoder, self.decoder)
         self.reset_level_embed()
         self.refpoint_embed = nn.Embedding(cfg.num_queries, 4)
-        if cfg.random_refpoints_xy:
-            random_anchor_centres(self.refpoint_embed)
+        self.init_anchors(self.refpoint_embed.weight)
         self.build_heads(cfg.dec_layers, shared=False)
         # With box-query plug-ins (denoising), the last content channel is DN's indicator bit (0 for matching).
         # Drawn last, so that turning DN on changes no other initial value.
         self.tgt_embed = nn.Embedding(cfg.num_queries, d - 1 if self.box_queries else d)
 
-    def matching_queries(self, memory, proposals):
-        batch_size, content = memory.src.shape[0], self.tgt_embed.weight
+    def new_query_rows(self, count):
+        rows = DeformableBase.new_query_rows(self, count)
+        self.init_anchors(rows["refpoint_embed"])
+        return rows
+
+    def matching_queries(self, batch_size, rows=None):
+        content = self.query_rows("tgt_embed", rows)
         if self.box_queries:
             content = torch.cat((content, content.new_zeros(content.shape[0], 1)), dim=-1)
-        anchors = self.refpoint_embed.weight
+        anchors = self.query_rows("refpoint_embed", rows)
         return content[None].expand(batch_size, -1, -1), {"anchor": anchors[None].expand(batch_size, -1, -1)}
 
     def box_query_position(self, boxes):

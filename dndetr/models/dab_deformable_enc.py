@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..config import check
-from .base import DetrBase
 from .dab import DABDETR
-from .deformable_base import PRIOR_BIAS, DeformableBase, MultiScaleConfig, random_anchor_centres
+from .deformable_base import PRIOR_BIAS, DeformableBase, MultiScaleConfig
 from .multilevel_decoder import MultiLevelDecoderLayer
 from .registry import register_model
 from .transformer import DecoderStack, mlp, xavier_init
@@ -55,17 +54,17 @@ class DABDeformableEncOnly(DeformableBase):
         xavier_init(self.encoder, self.decoder, *([self.patterns] if self.patterns is not None else []))
         self.reset_level_embed()
         self.refpoint_embed = nn.Embedding(cfg.num_queries, 4)
-        if cfg.random_refpoints_xy:
-            random_anchor_centres(self.refpoint_embed)
+        self.init_anchors(self.refpoint_embed.weight)
+        self.query_modules = ("refpoint_embed",) + (("patterns",) if self.patterns is not None else ())
         # One class head and one box head for all layers; the box head keeps PyTorch's default init.
         self.class_embed = nn.Linear(d, num_classes)
         nn.init.constant_(self.class_embed.bias, PRIOR_BIAS)
         self.bbox_embed = mlp(d, d, 4, 3)
 
-    query_rows = DetrBase.query_rows  # DAB-DETR's query code (reused unbound below) reads its rows through this
-
-    def matching_queries(self, memory, proposals):
-        return DABDETR.matching_queries(self, memory.src.shape[0])
+    # DAB-DETR's query code: anchors (random_refpoints_xy) and patterns, rows drawn and read as DAB-DETR does.
+    init_anchors = DABDETR.init_anchors
+    new_query_rows = DABDETR.new_query_rows
+    matching_queries = DABDETR.matching_queries
 
     def box_query_position(self, boxes):
         return DABDETR.box_query_position(self, boxes)

@@ -49,7 +49,8 @@ class DeformableDETR(DeformableBase):
             self.enc_output, self.enc_output_norm = nn.Linear(d, d), nn.LayerNorm(d)
             self.pos_trans, self.pos_trans_norm = nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d)
         else:
-            self.query_embed = nn.Embedding(cfg.num_queries, 2 * d)
+            self.query_embed = nn.Embedding(cfg.num_queries, 2 * d)  # (query_pos, content) per query
+            self.query_modules = ("query_embed",)
             self.reference_points = nn.Linear(d, 2)
         reset_deformable_attention(self.encoder, self.decoder, *([self.enc_output, self.pos_trans]
                                                                  if cfg.two_stage else [self.reference_points]))
@@ -81,15 +82,23 @@ class DeformableDETR(DeformableBase):
         top = topk_proposals(logits[..., 0], coords, self.cfg.num_queries)
         return {"logits": logits, "boxes": coords.sigmoid(), "top": top}
 
-    def matching_queries(self, memory, proposals):
-        batch_size, d = memory.src.shape[0], self.hidden_dim
-        if proposals is not None:
-            boxes = proposals["top"].sigmoid()
-            embedded = self.pos_trans_norm(self.pos_trans(box_sine_embedding(boxes, d // 2, yx_first=False)))
-            query_pos, content = embedded.split(d, dim=-1)
-            return content, {"pos": query_pos, "ref": boxes}
-        query_pos, content = self.query_embed.weight[None].expand(batch_size, -1, -1).split(d, dim=-1)
+    def proposal_queries(self, proposals):
+        boxes, d = proposals["top"].sigmoid(), self.hidden_dim
+        embedded = self.pos_trans_norm(self.pos_trans(box_sine_embedding(boxes, d // 2, yx_first=False)))
+        query_pos, content = embedded.split(d, dim=-1)
+        return content, {"pos": query_pos, "ref": boxes}
+
+    def matching_queries(self, batch_size, rows=None):
+        query_pos, content = self.query_rows("query_embed", rows)[None].expand(batch_size, -1, -1).split(
+            self.hidden_dim, dim=-1)
         return content, {"pos": query_pos, "ref": self.reference_points(query_pos).sigmoid()}
+
+    def new_query_rows(self, count):
+        if self.cfg.two_stage:  # H-DETR's two-stage variant ranks top-(N+T) proposals instead (not implemented)
+            raise ConfigError("model.two_stage=true is invalid with extra matching queries: two-stage Deformable "
+                              "DETR's queries are the encoder's top-k proposals, not learned rows (use "
+                              "model.two_stage=false)")
+        return DeformableBase.new_query_rows(self, count)
 
     def box_query_position(self, boxes):
         reference = boxes if self.cfg.two_stage else boxes[..., :2]

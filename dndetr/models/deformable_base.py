@@ -6,7 +6,8 @@ multi-scale memory (:class:`MultiScaleMemory`, encoded) in place of (memory, pad
 plug-ins (dndetr/plugins/, e.g. denoising) work unchanged:
 
 - ``propose(memory) -> dict or None``: two-stage encoder proposals (``enc_outputs`` and the top-k boxes)
-- ``matching_queries(memory, proposals) -> (content [B,N,d], position)``
+- ``matching_queries(batch_size, rows=None) -> (content [B,N,d], position)``: the learned matching queries (or those
+  of ``rows``, over ``query_modules``, as in base.py); two-stage models make theirs with ``proposal_queries``
 - ``box_query_position(boxes [B,P,4]) -> position``
 - ``decode(content, position, memory, self_attn_mask) -> (hs [L,B,N,d], references)``
 - ``predict(hs, references) -> (logits [L,B,N,K], boxes [L,B,N,4])``
@@ -31,7 +32,7 @@ from .backbone import Backbone
 from .base import DetrBase
 from .deformable_transformer import (DeformableEncoder, DeformableEncoderLayer, MultiScaleMemory, flatten_levels,
                                      input_projection, level_references, project_levels, refine)
-from .transformer import inverse_sigmoid, mlp, mlp_last_linear
+from .transformer import mlp, mlp_last_linear
 
 PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)  # focal-loss prior: every class starts at probability 0.01
 LINEAR_PROJ_LR_MULT = 0.1
@@ -69,13 +70,6 @@ def zero_box_head(d: int):
     return head
 
 
-def random_anchor_centres(refpoint_embed: nn.Embedding) -> None:
-    """DAB's random_refpoints_xy: anchor centres start uniform over the image (in logit space), still trainable."""
-    with torch.no_grad():
-        refpoint_embed.weight[:, :2].uniform_(0, 1)
-        refpoint_embed.weight[:, :2] = inverse_sigmoid(refpoint_embed.weight[:, :2])
-
-
 class DeformableBase(nn.Module, ABC):
     registry_name = ""  # set by @register_model
     official_mlps: Tuple[str, ...] = ("bbox_embed", "query_scale", "ref_point_head", "ref_anchor_head")
@@ -89,6 +83,10 @@ class DeformableBase(nn.Module, ABC):
     refines = True  # the box references are updated layer by layer (Deformable DETR: model.box_refine)
     # Whether plug-ins may change the matching queries' content (DN-DETR adds the "unknown" label embedding).
     plugin_content = True
+    # The nn.Embedding modules whose rows are the matching queries (as in base.py); none for two-stage models.
+    query_modules: Tuple[str, ...] = ()
+    query_rows = DetrBase.query_rows
+    new_query_rows = DetrBase.new_query_rows
 
     def __init__(self, cfg: MultiScaleConfig, num_classes: int, no_object_class: bool = False,
                  box_queries: bool = False, train_backbone: bool = True):
@@ -115,8 +113,24 @@ class DeformableBase(nn.Module, ABC):
         return None
 
     @abstractmethod
-    def matching_queries(self, memory: MultiScaleMemory, proposals: Optional[dict]):
-        """The learned (or, two-stage, encoder-proposed) matching queries: content [B,N,d] and position."""
+    def matching_queries(self, batch_size: int, rows: Optional[Dict[str, torch.Tensor]] = None):
+        """The learned matching queries (or those of ``rows``): content [B,N,d] and position."""
+
+    def proposal_queries(self, proposals: dict):
+        """Two-stage models: the matching queries made from the encoder's proposals."""
+        raise NotImplementedError
+
+    def queries(self, batch_size: int, rows: Optional[Dict[str, torch.Tensor]] = None, proposals=None):
+        """Matching queries as the decoder receives them: the model's own (or from ``proposals``), changed by every
+        plug-in."""
+        content, position = self.matching_queries(batch_size, rows) if proposals is None else \
+            self.proposal_queries(proposals)
+        for plugin in self.plugins.values():
+            adjusted, position = plugin.adjust_matching(content, position)
+            # Ignored changes stay in the graph at weight 0 (every parameter gets a gradient, as DDP wants; the
+            # official DN-DAB-Deformable-DETR adds label_enc.weight[0][0] * 0 for the same reason).
+            content = adjusted if self.plugin_content else content + 0.0 * (adjusted - content)
+        return content, position
 
     @abstractmethod
     def box_query_position(self, boxes: torch.Tensor):
@@ -179,12 +193,7 @@ class DeformableBase(nn.Module, ABC):
     def forward(self, images: torch.Tensor, masks: torch.Tensor, targets=None, probe: bool = False) -> dict:
         memory = self.encode(images, masks)
         proposals = self.propose(memory)
-        content, position = self.matching_queries(memory, proposals)
-        for plugin in self.plugins.values():
-            adjusted, position = plugin.adjust_matching(content, position)
-            # Ignored changes stay in the graph at weight 0 (every parameter gets a gradient, as DDP wants; the
-            # official DN-DAB-Deformable-DETR adds label_enc.weight[0][0] * 0 for the same reason).
-            content = adjusted if self.plugin_content else content + 0.0 * (adjusted - content)
+        content, position = self.queries(memory.src.shape[0], proposals=proposals)
         content, position, self_attn_mask, blocks = with_plugin_queries(self, content, position, targets, probe)
         hs, references = self.decode(content, position, memory, self_attn_mask)
         outputs = {}

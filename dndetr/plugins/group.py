@@ -38,10 +38,11 @@ def concat_queries(parts: List[tuple]):
 
 def own_rows(model, count: int) -> nn.ParameterDict:
     """Parameters for ``count`` more of the model's matching queries (their own initial values)."""
-    if not model.query_modules:
+    rows = model.new_query_rows(count)  # a model whose queries are not learned rows refuses (ConfigError) itself
+    if not rows:
         raise ConfigError(f"model.name={model.registry_name!r} is invalid: it names no matching-query parameters "
                           "(query_modules), so it cannot make extra query groups")
-    return nn.ParameterDict({name: nn.Parameter(value.clone()) for name, value in model.new_query_rows(count).items()})
+    return nn.ParameterDict({name: nn.Parameter(value.clone()) for name, value in rows.items()})
 
 
 @register_plugin
