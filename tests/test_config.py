@@ -96,10 +96,11 @@ def experiment_overrides(name: str, tmp_path) -> list:
 # experiment: (model, dn groups, data, backbone, epochs, lr drop)
 EXPERIMENTS = {
     "cpu": ("conditional", 0, "synthetic", "resnet18", 16, 12),
-    "study_detr": ("detr", 0, "synthetic", "resnet18", 16, 12),
-    "study_dab": ("dab", 0, "synthetic", "resnet18", 16, 12),
-    "study_dn_dab": ("dab", 5, "synthetic", "resnet18", 16, 12),
-    "study_dn_dab_nomask": ("dab", 5, "synthetic", "resnet18", 16, 12),
+    "cpu_study": ("conditional", 0, "synthetic", "resnet18", 16, 11),
+    "study_detr": ("detr", 0, "synthetic", "resnet18", 16, 11),
+    "study_dab": ("dab", 0, "synthetic", "resnet18", 16, 11),
+    "study_dn_dab": ("dab", 5, "synthetic", "resnet18", 16, 11),
+    "study_dn_dab_nomask": ("dab", 5, "synthetic", "resnet18", 16, 11),
     "paper_coco": ("conditional", 0, "coco", "resnet50", 50, 40),
     "paper_detr": ("detr", 0, "coco", "resnet50", 50, 40),
     "paper_conditional": ("conditional", 0, "coco", "resnet50", 50, 40),
