@@ -36,3 +36,30 @@ def test_analysis_of_a_real_sweep(tmp_path):
         assert len(runs) == 2
         assert float(row["final_AP_mean"]) == pytest.approx(np.mean([r[-1]["AP"] for r in runs]))
         assert float(row["IS_mean"]) == pytest.approx(np.mean([np.mean([e["IS"] for e in r if "IS" in e]) for r in runs]))
+
+
+def test_make_study_runs_the_arms_the_claims_name():
+    """`make study` / `make demo` sweep exactly the arms conf/study/dn_study.yaml compares, and the arms differ only
+    in the model (with its own loss and matcher) and the denoising settings: same data, schedule and scale."""
+    import re
+
+    import yaml
+    from omegaconf import OmegaConf
+
+    from helpers import compose_config
+
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    swept = re.search(r"^STUDY := experiment=(\S+)$", makefile, re.M).group(1).split(",")
+    claims = yaml.safe_load((REPO_ROOT / "conf/study/dn_study.yaml").read_text())
+    assert sorted(f"experiment={arm}" for arm in swept) == sorted(claims["settings"].values())
+    assert "--reference experiment=study_dab" in makefile
+
+    configs = {arm: OmegaConf.to_container(OmegaConf.structured(compose_config([f"experiment={arm}"])))
+               for arm in swept}
+    for config in configs.values():
+        assert config["trainer"]["threads"] == 1  # two sweeps side by side on 2 cores
+        for model_specific in ("model", "loss", "matcher", "dn"):
+            config.pop(model_specific)
+    reference = configs.pop("study_dab")
+    assert all(config == reference for config in configs.values())
+    assert reference["trainer"]["epochs"] > reference["optim"]["lr_drop"]  # the plateau comes after the drop
