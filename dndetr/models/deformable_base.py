@@ -118,7 +118,7 @@ class DeformableBase(nn.Module, ABC):
 
     def proposal_queries(self, proposals: dict):
         """Two-stage models: the matching queries made from the encoder's proposals."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} makes no encoder proposals (it is not a two-stage model)")
 
     def queries(self, batch_size: int, rows: Optional[Dict[str, torch.Tensor]] = None, proposals=None):
         """Matching queries as the decoder receives them: the model's own (or from ``proposals``), changed by every
@@ -140,12 +140,13 @@ class DeformableBase(nn.Module, ABC):
         return DetrBase.box_query_head(self)  # built only when a plug-in needs box queries
 
     def initial_reference(self, position) -> torch.Tensor:
-        """The first layer's references [B,N,2|4] in [0,1] of the image."""
-        raise NotImplementedError
+        """The first layer's references [B,N,2|4] in [0,1] of the image (models that use the shared decoder loop)."""
+        raise TypeError(f"{type(self).__name__} does not use the shared deformable decoder loop")
 
     def layer_query_pos(self, index: int, position, level_refs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The positional query of decoder layer ``index`` (level_refs: [B,N,L,2|4]; out: the layer's input)."""
-        raise NotImplementedError
+        """The positional query of decoder layer ``index`` (level_refs: [B,N,L,2|4]; out: the layer's input), for
+        models that use the shared decoder loop."""
+        raise TypeError(f"{type(self).__name__} does not use the shared deformable decoder loop")
 
     def build_heads(self, num_layers: int, shared: bool, extra: int = 0, first_size_bias: float = -2.0) -> None:
         """``shared``: one class and one box head under every layer's index (as the official plain model).
