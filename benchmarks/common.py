@@ -32,6 +32,7 @@ PEERS = {
     "detr": ("DetrConfig", "DetrForObjectDetection"),
     "conditional": ("ConditionalDetrConfig", "ConditionalDetrForObjectDetection"),
     "dab": ("DabDetrConfig", "DabDetrForObjectDetection"),
+    "deformable": ("DeformableDetrConfig", "DeformableDetrForObjectDetection"),
 }
 
 
@@ -75,13 +76,21 @@ def build_peer(name: str, device: str, match_dropout: bool = False):
     """
     import transformers as hf
 
-    resnet18 = hf.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
-                               layer_type="basic", out_features=["stage4"])
     config_class, model_class = (getattr(hf, attribute) for attribute in PEERS[name])
     ours = bench_config(name).model
+    levels = getattr(ours, "num_feature_levels", 1)
+    stages = ["stage4"] if levels == 1 else ["stage2", "stage3", "stage4"]  # C5, or C3-C5 (+ one extra level)
+    resnet18 = hf.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2],
+                               layer_type="basic", out_features=stages)
     dropout = {"dropout": ours.dropout, "attention_dropout": ours.dropout, "activation_dropout": ours.dropout}
+    options = dict(dropout if match_dropout else {})
+    if levels > 1:  # Deformable DETR: the same sizes and variant as ours, torchvision-free backbone
+        options.update(use_timm_backbone=False, use_pretrained_backbone=False, num_feature_levels=levels,
+                       encoder_ffn_dim=ours.dim_feedforward, decoder_ffn_dim=ours.dim_feedforward,
+                       encoder_n_points=ours.enc_n_points, decoder_n_points=ours.dec_n_points,
+                       with_box_refine=ours.box_refine, two_stage=ours.two_stage)
     model = model_class(config_class(backbone_config=resnet18, num_labels=NUM_CLASSES, auxiliary_loss=True,
-                                     num_queries=ours.num_queries, **(dropout if match_dropout else {}))).to(device)
+                                     num_queries=ours.num_queries, **options)).to(device)
     # Train the same backbone parameters as ours and the official code (stages 2-4); HF's DAB-DETR trains all.
     for param_name, param in model.named_parameters():
         if "backbone" in param_name:

@@ -33,11 +33,11 @@ class BackboneConfig:
     weights: Optional[str] = None  # local torchvision ResNet state dict; nothing is ever downloaded
     frozen_bn: bool = True  # FrozenBatchNorm2d, as DETR (right for pretrained weights; train BN from scratch)
     trainable_layers: int = 3  # counted from the top: 3 = layer2..layer4 (DETR), 5 = everything incl. the stem
-    output_layer: str = "layer4"  # C5 (stride 32) as published; layer3 (C4, stride 16) is a CPU-scale option
+    output_layer: str = "layer4"  # C5 (stride 32) as published; layer3 (C4, stride 16) and layer2 (C3, stride 8) are CPU-scale options
 
     def __post_init__(self) -> None:
         check_choice("model.backbone.name", self.name, ("resnet18", "resnet34", "resnet50", "resnet101"))
-        check_choice("model.backbone.output_layer", self.output_layer, ("layer3", "layer4"))
+        check_choice("model.backbone.output_layer", self.output_layer, ("layer2", "layer3", "layer4"))
         check(0 <= self.trainable_layers <= 5, "model.backbone.trainable_layers", self.trainable_layers,
               "must be in 0..5 (3 = layer2-4 as DETR, 5 = all)")
 

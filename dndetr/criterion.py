@@ -55,9 +55,12 @@ class SetCriterion(nn.Module):
         giou = paired_generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target), self.cfg.giou_eps)
         return l1, (1 - giou).sum() / normaliser
 
-    def matching_losses(self, outputs: dict, targets: List[dict], num_boxes: float) -> Dict[str, torch.Tensor]:
+    def matching_losses(self, outputs: dict, targets: List[dict], num_boxes: float,
+                        indices=None) -> Dict[str, torch.Tensor]:
+        """Hungarian losses of one layer's outputs; ``indices`` is that layer's assignment, if already matched."""
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        indices = self.matcher(outputs, targets)
+        if indices is None:
+            indices = self.matcher(outputs, targets)
         image = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(logits.device)
         query = torch.cat([q for q, _ in indices]).to(logits.device)
         matched_labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
@@ -71,6 +74,13 @@ class SetCriterion(nn.Module):
         else:
             class_term = self.class_loss(logits, target_classes, num_boxes)
         return {"loss_ce": class_term, "loss_bbox": l1, "loss_giou": giou}
+
+    def layers_matching_losses(self, layers: List[dict], targets: List[dict],
+                               num_boxes: float) -> List[Dict[str, torch.Tensor]]:
+        """``matching_losses`` of several decoder layers (same batch and query count): their cost matrices are
+        computed in one batched pass with one host transfer (``HungarianMatcher.match_layers``)."""
+        indices = self.matcher.match_layers(layers, targets)
+        return [self.matching_losses(out, targets, num_boxes, ix) for out, ix in zip(layers, indices)]
 
     def stable_class_loss(self, logits, image, query, labels, ious, normaliser: float) -> torch.Tensor:
         """Stable-DINO's position-supervised loss: a matched (query, class) entry's target is t = IoU^power,
@@ -96,13 +106,13 @@ class SetCriterion(nn.Module):
         layers = [("", outputs)] + [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
         blocks = outputs.get("query_blocks", [])
         scale = math.prod(block.plugin.matching_loss_scale for block in blocks)
-        supervised = [(suffix, out, targets, scale) for suffix, out in layers]
+        values = self.layers_matching_losses([out for _, out in layers], targets, num_boxes)
+        supervised = [(suffix, layer_values, scale) for (suffix, _), layer_values in zip(layers, values)]
         if "enc_outputs" in outputs:  # two-stage proposals: class-agnostic, every object is class 0
             agnostic = [dict(t, labels=torch.zeros_like(t["labels"])) for t in targets]
-            supervised.append(("_enc", outputs["enc_outputs"], agnostic, 1.0))
+            supervised.append(("_enc", self.matching_losses(outputs["enc_outputs"], agnostic, num_boxes), 1.0))
         losses = {term + suffix: value * self.weights[term] * layer_scale
-                  for suffix, out, layer_targets, layer_scale in supervised
-                  for term, value in self.matching_losses(out, layer_targets, num_boxes).items()}
+                  for suffix, layer_values, layer_scale in supervised for term, value in layer_values.items()}
         for block in blocks:
             prefix = block.plugin.group + "_"
             losses.update({prefix + name: value

@@ -13,7 +13,7 @@ import torch
 from dndetr.config import ConfigError, LossConfig, MatcherConfig, config_class
 from dndetr.criterion import build_criterion
 from dndetr.matcher import HungarianMatcher
-from dndetr.models import build_model
+from dndetr.models import MODELS, build_model
 from dndetr.plugins.base import assemble
 from dndetr.plugins.dn import Denoising, DNConfig
 from dndetr.plugins.group import GroupConfig
@@ -259,6 +259,11 @@ class SpyMatcher:
         self.calls.append((outputs, targets, indices))
         return indices
 
+    def match_layers(self, layers, targets):  # recorded as one call per layer
+        per_layer = self.matcher.match_layers(layers, targets)
+        self.calls.extend((outputs, targets, indices) for outputs, indices in zip(layers, per_layer))
+        return per_layer
+
 
 def block_losses(model, plugin, counts, seed=0):
     images, masks, targets = make_batch(counts, seed=seed)
@@ -426,12 +431,45 @@ def test_model_without_query_parameters_is_refused(monkeypatch):
         build("detr", group=2)
 
 
-@pytest.mark.parametrize("plugin", [{"group": 2}, {"hybrid": 4}])
-def test_two_stage_deformable_refuses_extra_matching_queries(plugin):
-    """Two-stage Deformable DETR's queries are encoder proposals: no rows to draw more from (one ConfigError line)."""
-    with pytest.raises(ConfigError, match=r"^model.two_stage=true is invalid with extra matching queries: [^\n]*$"):
-        build("deformable", **plugin, box_refine=True, two_stage=True)
-    assert build("deformable", **plugin, box_refine=True).plugins  # one-stage: the same plug-in is fine
+def test_two_stage_deformable_refuses_group_detr():
+    """Two-stage Deformable DETR's queries are encoder proposals: no rows to draw more groups from (one line)."""
+    with pytest.raises(ConfigError, match=r"^model.two_stage=true is invalid with extra learned matching queries "
+                                          r"\(Group DETR\): [^\n]*$"):
+        build("deformable", group=2, box_refine=True, two_stage=True)
+    assert build("deformable", group=2, box_refine=True).plugins  # one-stage: the same plug-in is fine
+
+
+@pytest.mark.parametrize("dn", [None, DNConfig(num_queries=6, contrastive=True)])
+def test_two_stage_hybrid_branch_takes_the_next_ranked_proposals(dn):
+    """H-DETR's two-stage form: the one-to-many branch's queries are the proposals ranked N+1..N+T, the matching
+    queries stay the top N (outputs equal to those without the branch and in eval mode), and the branch trains."""
+    T = 7
+    model = build("deformable", dn, hybrid=T, box_refine=True, two_stage=True).train()
+    assert not list(model.plugins["hybrid"].parameters())  # no learned rows: proposals instead
+    images, masks, targets = make_batch()
+    with_branch = model(images, masks, targets)
+    block = next(b for b in with_branch["query_blocks"] if b.plugin.group == "hybrid")
+    assert block.logits.shape[2] == T
+    # The same weights with N + T queries and no branch rank the same proposals: its top N + T = ours, in order.
+    wider = build("deformable", dn, box_refine=True, two_stage=True, num_queries=N + T).train()
+    wider.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ranked = wider.propose(wider.encode(images, masks))["top"]
+        ours = model.propose(model.encode(images, masks))
+    assert torch.equal(torch.cat([ours["top"], model.extra_proposals["top"]], dim=1), ranked)
+    # The branch's first layer reads exactly those proposals' queries.
+    content, position = model.queries(images.shape[0], proposals={"top": ranked[:, N:]})
+    assert torch.equal(block.position["ref"], position["ref"]) and torch.equal(block.content, content)
+    evaluated = model.eval()(images, masks, targets)
+    assert model.extra_proposals is None and evaluated["pred_logits"].shape[1] == N
+    for other in (evaluated, model.train()(images, masks)):
+        for key in ("pred_logits", "pred_boxes"):
+            assert torch.allclose(with_branch[key], other[key], atol=1e-5)
+    losses = model.criterion(model(images, masks, targets), targets)
+    assert {"hybrid_loss_ce", "hybrid_loss_bbox", "hybrid_loss_giou"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.enc_output.weight.grad is not None
 
 
 @pytest.mark.parametrize("name, modules", [("deformable", {"query_embed"}),
@@ -535,19 +573,19 @@ class _Forced:
 
 @pytest.mark.slow
 def test_plugin_sweep_runs_on_every_model(tmp_path):
-    """`train.py -m` over the plug-ins and Stable-DINO (each with contrastive DN) on DETR, Conditional DETR and
-    DAB-DETR."""
+    """`train.py -m` over the plug-ins and Stable-DINO (each with contrastive DN) on every registered model, the
+    Deformable ones included."""
     sweep = tmp_path / "sweep"  # one multirun per plug-in: a Hydra sweep is a grid
     arms = [(["group.groups=3"], "group_loss_bbox"), (["hybrid.queries=20", "hybrid.k=2"], "hybrid_loss_bbox"),
             (["loss=stable_dino", "matcher=stable_dino"], "loss_ce")]
     for i, (overrides, key) in enumerate(arms):
         folder = sweep / str(i)
-        args = [sys.executable, "train.py", "-m", *tiny(tmp_path, "model=detr,conditional,dab", "dn=dino",
+        args = [sys.executable, "train.py", "-m", *tiny(tmp_path, f"model={','.join(sorted(MODELS))}", "dn=dino",
                                                         "dn.num_queries=8", "trainer.epochs=1", *overrides),
                 f"hydra.sweep.dir={folder}"]
         subprocess.run(args, cwd=REPO_ROOT, check=True, capture_output=True, text=True, timeout=900)
         jobs = sorted(p for p in folder.iterdir() if p.name.isdigit())
-        assert len(jobs) == 3
+        assert len(jobs) == len(MODELS)
         for job in jobs:
             assert not (job / "error.txt").exists(), (job / "error.txt").read_text()
             row = read_metrics(job)[-1]

@@ -157,3 +157,26 @@ def test_benchmark_flop_count_includes_fused_cpu_attention():
     assert count_flops(lambda: F.scaled_dot_product_attention(q, k, v)) == forward
     # torch's backward formula: the scores recomputed plus four gradient products, 5 products to the forward's 2.
     assert count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward()) == forward * 7 // 2
+
+
+@pytest.mark.parametrize("class_loss", ["ce", "focal"])
+def test_criterion_batched_matching_gives_the_per_layer_losses(class_loss):
+    """The criterion matches the last layer and the aux layers in one batched pass; every loss term must equal
+    the one computed with one matcher call per layer."""
+    from dndetr.criterion import SetCriterion
+
+    loss = LossConfig(class_loss=class_loss, giou_eps=1e-6)
+    criterion = SetCriterion(HungarianMatcher(MatcherConfig(), loss), num_classes=5, cfg=loss)
+    layers = layer_outputs(num_layers=3, batch=3, queries=7, classes=6 if class_loss == "ce" else 5)
+    outputs = dict(layers[-1], aux_outputs=layers[:-1])
+    targets = boxes_and_labels((2, 0, 4), classes=5)
+    calls = []
+    batched_match = criterion.matcher.match_layers
+    criterion.matcher.match_layers = lambda ls, ts: calls.append(len(ls)) or batched_match(ls, ts)
+    batched = criterion(outputs, targets)
+    assert calls == [3]  # one batched matching for all three layers
+    criterion.matcher.match_layers = lambda ls, ts: [criterion.matcher(layer, ts) for layer in ls]
+    per_layer = criterion(outputs, targets)
+    assert sorted(batched) == sorted(per_layer) and len(batched) == 9
+    for name in batched:
+        assert torch.equal(batched[name], per_layer[name]), name

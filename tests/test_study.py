@@ -49,7 +49,8 @@ def test_make_study_runs_the_arms_the_claims_name():
     from helpers import compose_config
 
     makefile = (REPO_ROOT / "Makefile").read_text()
-    swept = re.search(r"^STUDY := experiment=(\S+)$", makefile, re.M).group(1).split(",")
+    swept = [arm for half in ("A", "B")
+             for arm in re.search(rf"^ARMS_{half} := experiment=(\S+)$", makefile, re.M).group(1).split(",")]
     claims = yaml.safe_load((REPO_ROOT / "conf/study/dn_study.yaml").read_text())
     assert sorted(f"experiment={arm}" for arm in swept) == sorted(claims["settings"].values())
     assert "--reference experiment=study_dab" in makefile

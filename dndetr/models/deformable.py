@@ -63,6 +63,7 @@ class DeformableDETR(DeformableBase):
         # A box query (denoising) enters as a learned projection of its sine embedding, its centre (two-stage:
         # the box) as the reference.
         self.box_query_proj = self.box_query_head()
+        self.more_proposals, self.extra_proposals = 0, None
 
     def official_export_aliases(self) -> dict:
         """The aliases this configuration's official model has: none (plain), box heads, or both (two-stage)."""
@@ -78,9 +79,17 @@ class DeformableDETR(DeformableBase):
         tokens = self.enc_output_norm(self.enc_output(tokens))
         logits = self.class_embed[-1](tokens)
         coords = self.bbox_embed[-1](tokens) + proposal_logits
-        # Class-agnostic ranking by the first class logit (the encoder loss uses label 0 for every object).
-        top = topk_proposals(logits[..., 0], coords, self.cfg.num_queries)
-        return {"logits": logits, "boxes": coords.sigmoid(), "top": top}
+        # Class-agnostic ranking by the first class logit (the encoder loss uses label 0 for every object). The
+        # top N of the top N + more are the top N, so the matching queries are those of a run without the extra.
+        count = self.cfg.num_queries + (self.more_proposals if self.training else 0)
+        top = topk_proposals(logits[..., 0], coords, count)
+        self.extra_proposals = {"top": top[:, self.cfg.num_queries:]} if count > self.cfg.num_queries else None
+        return {"logits": logits, "boxes": coords.sigmoid(), "top": top[:, :self.cfg.num_queries]}
+
+    def rank_more_proposals(self, count):
+        if self.cfg.two_stage:
+            self.more_proposals += count
+        return self.cfg.two_stage
 
     def proposal_queries(self, proposals):
         boxes, d = proposals["top"].sigmoid(), self.hidden_dim
@@ -94,10 +103,10 @@ class DeformableDETR(DeformableBase):
         return content, {"pos": query_pos, "ref": self.reference_points(query_pos).sigmoid()}
 
     def new_query_rows(self, count):
-        if self.cfg.two_stage:  # H-DETR's two-stage variant ranks top-(N+T) proposals instead (not implemented)
-            raise ConfigError("model.two_stage=true is invalid with extra matching queries: two-stage Deformable "
-                              "DETR's queries are the encoder's top-k proposals, not learned rows (use "
-                              "model.two_stage=false)")
+        if self.cfg.two_stage:  # hybrid matching ranks more proposals instead (rank_more_proposals)
+            raise ConfigError("model.two_stage=true is invalid with extra learned matching queries (Group DETR): "
+                              "two-stage Deformable DETR's queries are the encoder's top-k proposals, not learned "
+                              "rows (use model.two_stage=false, or hybrid matching, which ranks more proposals)")
         return DeformableBase.new_query_rows(self, count)
 
     def box_query_position(self, boxes):

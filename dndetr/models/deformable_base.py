@@ -116,6 +116,12 @@ class DeformableBase(nn.Module, ABC):
     def matching_queries(self, batch_size: int, rows: Optional[Dict[str, torch.Tensor]] = None):
         """The learned matching queries (or those of ``rows``): content [B,N,d] and position."""
 
+    def rank_more_proposals(self, count: int) -> bool:
+        """Two-stage models: rank ``count`` more encoder proposals per image in training (after the model's own top
+        N, H-DETR's two-stage hybrid branch), kept in ``extra_proposals`` during each training forward pass for
+        the plug-in that asked. False where the queries are learned rows."""
+        return False
+
     def proposal_queries(self, proposals: dict):
         """Two-stage models: the matching queries made from the encoder's proposals."""
         raise TypeError(f"{type(self).__name__} makes no encoder proposals (it is not a two-stage model)")

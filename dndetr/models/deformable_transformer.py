@@ -200,7 +200,8 @@ def reset_deformable_attention(*modules: nn.Module) -> None:
 def topk_proposals(scores: torch.Tensor, coords: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k tokens by ``scores`` [B,S] -> their coordinates [B,k,4], detached (no gradient into the proposals)."""
     if k > scores.shape[1]:
-        raise ConfigError(f"model.num_queries={k} is invalid for these images: two-stage picks the queries among "
-                          f"the {scores.shape[1]} encoder tokens of the batch (use larger images or fewer queries)")
+        raise ConfigError(f"model.num_queries={k} (with any hybrid.queries) is invalid for these images: two-stage "
+                          f"picks the queries among the {scores.shape[1]} encoder tokens of the batch (use larger "
+                          "images or fewer queries)")
     index = scores.topk(k, dim=1).indices
     return coords.gather(1, index[..., None].expand(-1, -1, coords.shape[-1])).detach()

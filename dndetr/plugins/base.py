@@ -132,10 +132,10 @@ def matching_block_losses(block: QueryBlock, targets: List[dict], criterion, num
     terms = {}
     batch_size = block.logits.shape[1]
     stacked = [t for t in targets for _ in range(copies)]  # image b, group g -> row b * copies + g
-    for layer, suffix in layer_suffixes(block.logits.shape[0], num_layers):
-        outputs = {"pred_logits": block.logits[layer].reshape(batch_size * copies, -1, block.logits.shape[-1]),
-                   "pred_boxes": block.boxes[layer].reshape(batch_size * copies, -1, 4)}
-        values = criterion.matching_losses(outputs, stacked, num_boxes)
+    supervised = layer_suffixes(block.logits.shape[0], num_layers)
+    layers = [{"pred_logits": block.logits[layer].reshape(batch_size * copies, -1, block.logits.shape[-1]),
+               "pred_boxes": block.boxes[layer].reshape(batch_size * copies, -1, 4)} for layer, _ in supervised]
+    for (_, suffix), values in zip(supervised, criterion.layers_matching_losses(layers, stacked, num_boxes)):
         terms.update({term + suffix: value * criterion.weights[term] * scale for term, value in values.items()})
     return terms
 

@@ -5,7 +5,8 @@ its own) is matched by the same Hungarian matcher to the ground truth repeated `
 gets up to k positives. The branch and the one-to-one (matching) queries cannot see each other in self-attention,
 and DN queries do not see it either, so the one-to-one branch computes what it computes at inference, where the
 branch does not exist. Its loss terms (prefix ``hybrid_``) are the usual ones with num_boxes = k x #GT, times
-``hybrid.loss_weight``.
+``hybrid.loss_weight``. On a two-stage model the branch's queries are the encoder proposals ranked N+1..N+T
+(H-DETR's two-stage form) instead of learned rows.
 """
 from __future__ import annotations
 
@@ -52,10 +53,16 @@ class HybridMatching(QueryPlugin):
         return cfg.queries > 0
 
     def attach(self, model) -> None:
-        self.rows = own_rows(model, self.cfg.queries)
+        # Two-stage models give the branch the proposals ranked N+1..N+T (H-DETR's two-stage form); the others
+        # give it T more learned query rows.
+        ranked = getattr(model, "rank_more_proposals", lambda count: False)(self.cfg.queries)
+        self.rows = None if ranked else own_rows(model, self.cfg.queries)
 
     def build(self, targets: List[dict], content: torch.Tensor, model) -> Optional[QueryBlock]:
-        content, position = model.queries(content.shape[0], dict(self.rows))
+        if self.rows is None:
+            content, position = model.queries(content.shape[0], proposals=model.extra_proposals)
+        else:
+            content, position = model.queries(content.shape[0], dict(self.rows))
         return QueryBlock(self, content, position, sees_matching=False, before_matching=False)
 
     def loss(self, block: QueryBlock, targets: List[dict], criterion, num_layers: int) -> Dict[str, torch.Tensor]:
