@@ -11,8 +11,8 @@ BENCH ?= $(wildcard benchmarks/bench_*.py)
 # claims (claims.md), convergence measured against DAB-DETR's final AP. The study configs train on one thread, so
 # the arms are split over two sweeps of equal size that run side by side on 2 cores. `make study` runs 5 seeds,
 # `make demo` 2 at half the schedule.
-ARMS_A := experiment=study_detr,study_dab
-ARMS_B := experiment=study_dn_dab,study_dn_dab_nomask
+ARMS_A := experiment=study_detr,study_dn_dab
+ARMS_B := experiment=study_dab,study_dn_dab_nomask
 STAMP := $(shell date +%Y%m%d_%H%M%S)
 DEMO_DIR := multirun/demo_$(STAMP)
 STUDY_DIR := multirun/study_$(STAMP)

@@ -94,10 +94,12 @@ def test_study_claims_file_on_a_synthetic_study(tmp_path, capsys):
     verdicts = pd.read_csv(out / "claims.csv")["verdict"].tolist()
     # 1: IS(DETR) - IS(DAB) = 5 +- spread: supported. 2: DN-DAB - DAB IS differences -0.2 +- 0.8 per seed:
     # undecided. 3: DN-DAB reaches 0.20 after 2 of 4 epochs in every seed: share 0.5, not < 0.5 (CI is one point,
-    # touching the bound): undecided. 4: AP without mask - with mask = -0.18 in every seed: supported.
-    assert verdicts == ["supported", "undecided", "undecided", "supported"]
+    # touching the bound): undecided. 4: the same share against 1: -0.5 in every seed: supported. 5: DN-DAB's
+    # final AP - DAB's = +10 points in every seed: supported. 6: AP without mask - with mask = -18 points in
+    # every seed: supported.
+    assert verdicts == ["supported", "undecided", "undecided", "supported", "supported", "supported"]
     effects = pd.read_csv(out / "claims.csv")["mean"].tolist()
-    assert effects == pytest.approx([5.0, -0.2, 0.0, -0.18])
+    assert effects == pytest.approx([5.0, -0.2, 0.0, -0.5, 0.10, -0.18])  # claims.csv: AP as a fraction
     markdown = (out / "claims.md").read_text()
     assert "reach_share < 0.50, epochs 0..end; target 1 x final AP of the reference" in markdown
     assert "a = `experiment=study_dn_dab`, reference = `experiment=study_dab`" in markdown
