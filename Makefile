@@ -40,10 +40,13 @@ study: $(VENV)/.installed-base
 # finished `make study` (BASELINE, default: the newest multirun/study_*).
 BASELINE ?= $(lastword $(sort $(wildcard multirun/study_*)))
 ACCEL_DIR := multirun/accel_$(STAMP)
+ACCEL_ARMS_A := experiment=study_cdn_dab,study_hybrid_dab,study_stable_dn_dab
+ACCEL_ARMS_B := experiment=study_group_dab,study_group_dn_dab
+ACCEL_SEEDS := 1,2,3
 
 accel_study: $(VENV)/.installed-base
 	@test -n "$(BASELINE)" || { echo "error: no multirun/study_* to compare with: run make study first or set BASELINE=<folder>"; exit 2; }
-	$(call study,$(ACCEL_DIR),experiment=study_cdn_dab$(comma)study_hybrid_dab$(comma)study_stable_dn_dab,experiment=study_group_dab$(comma)study_group_dn_dab,1$(comma)2$(comma)3,conf/study/accel_study.yaml,,$(BASELINE))
+	$(call study,$(ACCEL_DIR),$(ACCEL_ARMS_A),$(ACCEL_ARMS_B),$(ACCEL_SEEDS),conf/study/accel_study.yaml,,$(BASELINE))
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (PRECISIONS, Stopwatch, build_ours, check_run_args, make_batch,  # noqa: E402
                                make_optimizer, median, our_step, patched, registered_models, save_results, timed,
                                watching_our_matcher)
-from dndetr.models import base as model_base  # noqa: E402
+from dndetr.plugins import base as plugin_base  # noqa: E402
 from dndetr.plugins.dn import Denoising  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def run(args) -> dict:
     bookkeeping = {g: [] for g in configs}
     matching = {g: [] for g in configs}
     with patched(Denoising, "build", dn_watch), patched(Denoising, "loss", dn_watch), \
-            patched(model_base, "assemble", dn_watch), patched(model_base, "split_outputs", dn_watch), \
+            patched(plugin_base, "assemble", dn_watch), patched(plugin_base, "split_outputs", dn_watch), \
             watching_our_matcher(match_watch):
         for i in range(args.warmup + args.repeats):
             for groups, (model, criterion, optimizer) in configs.items():
