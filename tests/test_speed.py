@@ -180,3 +180,30 @@ def test_criterion_batched_matching_gives_the_per_layer_losses(class_loss):
     assert sorted(batched) == sorted(per_layer) and len(batched) == 9
     for name in batched:
         assert torch.equal(batched[name], per_layer[name]), name
+
+
+def test_bench_dn_runs_and_times_the_plugin_step(tmp_path):
+    """benchmarks/bench_dn.py on a tiny input: it must find the DN plug-in's functions it times (it once patched
+    a module they had left) and report every group count."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_dn", root / "benchmarks" / "bench_dn.py")
+    bench = importlib.util.module_from_spec(spec)
+    threads = torch.get_num_threads()
+    sys.path.insert(0, str(root))
+    try:
+        spec.loader.exec_module(bench)
+        out = tmp_path / "dn.json"
+        bench.main(["--size", "64", "--groups", "2", "--repeats", "1", "--warmup", "0", "--threads", "1",
+                    "--json", str(out)])
+    finally:
+        sys.path.remove(str(root))
+        torch.set_num_threads(threads)
+    rows = json.loads(out.read_text())["result"]["rows"]
+    assert [r["groups"] for r in rows] == [0, 2]
+    assert rows[0]["dn_bookkeeping_s"] == 0 and rows[1]["dn_bookkeeping_s"] > 0  # the DN functions were timed
+    assert rows[1]["dn_queries"] == 2 * 9 and all(r["step_s"] > 0 for r in rows)
