@@ -33,7 +33,8 @@ class BackboneConfig:
     weights: Optional[str] = None  # local torchvision ResNet state dict; nothing is ever downloaded
     frozen_bn: bool = True  # FrozenBatchNorm2d, as DETR (right for pretrained weights; train BN from scratch)
     trainable_layers: int = 3  # counted from the top: 3 = layer2..layer4 (DETR), 5 = everything incl. the stem
-    output_layer: str = "layer4"  # C5 (stride 32) as published; layer3 (C4, stride 16) and layer2 (C3, stride 8) are CPU-scale options
+    # C5 (stride 32) as published; layer3 (C4, stride 16) and layer2 (C3, stride 8) are CPU-scale options
+    output_layer: str = "layer4"
 
     def __post_init__(self) -> None:
         check_choice("model.backbone.name", self.name, ("resnet18", "resnet34", "resnet50", "resnet101"))
