@@ -210,7 +210,7 @@ def test_two_stage_proposals_and_their_class_agnostic_loss():
     assert out["enc_outputs"]["pred_logits"].shape == (2, tokens, 5)
     losses = build_criterion(tiny_config("deformable"), 5)(out, targets)
     assert {"loss_ce_enc", "loss_bbox_enc", "loss_giou_enc"} <= set(losses)
-    with pytest.raises(ConfigError, match="model.num_queries=100 \(with any hybrid.queries\) is invalid for these images: .* the 85 encoder"):
+    with pytest.raises(ConfigError, match=r"model.num_queries=100 \(with any hybrid.queries\) is invalid for these images: .* the 85 encoder"):
         tiny_model("deformable", box_refine=True, two_stage=True, num_queries=100)(images, masks)
     with pytest.raises(ConfigError, match="model.two_stage=true is invalid without model.box_refine=true"):
         tiny_model("deformable", two_stage=True)
