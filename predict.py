@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dndetr.config import ConfigError, validate
 from dndetr.predict import predict
-from dndetr.trainer import pick_device
+from dndetr.device import pick_device
 from train import EXPECTED_ERRORS, error_line, run_hydra_app
 
 log = logging.getLogger("dndetr")

@@ -203,7 +203,7 @@ class TrainerConfig:
     epochs: int = 300
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast precision (fp16 on CUDA only, with a grad scaler)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only, grad scaler) | auto (dndetr/device.py): autocast
     compile: bool = False  # torch.compile the model (its compile time is logged)
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     checkpoint_every_iters: int = 0  # extra mid-epoch checkpoints; 0 = only at epoch ends
@@ -216,7 +216,7 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1")
         check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
-        check_choice("trainer.precision", self.precision, ("fp32", "bf16", "fp16"))
+        check_choice("trainer.precision", self.precision, ("fp32", "bf16", "fp16", "auto"))
         check(self.eval_every >= 1, "trainer.eval_every", self.eval_every, "must be >= 1")
         check(self.checkpoint_every_iters >= 0, "trainer.checkpoint_every_iters", self.checkpoint_every_iters, "must be >= 0")
         check(self.threads >= 0, "trainer.threads", self.threads, "must be >= 0")

@@ -24,6 +24,7 @@ from . import distributed, instability
 from .config import Config, ConfigError
 from .criterion import build_criterion
 from .data import build_dataset, num_classes as dataset_num_classes, queries_warning
+from .device import autocast_dtype, pick_device, pick_precision
 from .evaluation import evaluate, improves, per_class_line
 from .files import MetricsLog, atomic_torch_save, first_line
 from .loggers import build_logger
@@ -36,9 +37,6 @@ log = logging.getLogger("dndetr")
 CHECKPOINT = "checkpoint_last.pt"
 BEST_CHECKPOINT = "checkpoint_best.pt"  # the model of the epoch with the highest AP so far
 METRICS = "metrics.jsonl"
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 class NonFiniteLossError(FloatingPointError):
     """Training produced NaN/Inf; the last good checkpoint is left untouched."""
 
@@ -75,16 +73,6 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device='cuda' is invalid: no CUDA device is available (use auto or cpu)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 def parameter_counts(model: torch.nn.Module) -> tuple:
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
@@ -96,8 +84,7 @@ class Trainer:
         self.rank, self.world, _ = distributed.init_distributed()
         self.main = self.rank == 0
         self.device = pick_device(cfg.trainer.device)
-        if cfg.trainer.precision == "fp16" and self.device.type != "cuda":
-            raise ConfigError("trainer.precision='fp16' is invalid: fp16 autocast needs a CUDA device (use bf16 on CPU)")
+        self.precision = pick_precision(cfg.trainer.precision, self.device)
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         seed_everything(cfg.trainer.seed + self.rank)
@@ -117,8 +104,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.param_groups(cfg.optim.lr, cfg.optim.lr_backbone),
                                            lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.optim.lr_drop, cfg.optim.lr_gamma)
-        self.autocast_dtype = PRECISIONS[cfg.trainer.precision]
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.trainer.precision == "fp16")
+        self.autocast_dtype = autocast_dtype(self.precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.train_model = self.model
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -145,7 +132,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "iteration": self.iteration, "wall_time": self.wall_time + self.elapsed(),
                 "rng": rng_state(), "loss_sums": dict(self.loss_sums), "pending": self.pending,
-                "config": asdict(self.cfg)}
+                "precision": self.precision, "config": asdict(self.cfg)}
 
     def save_now(self) -> None:
         atomic_torch_save(self.state_dict(), self.checkpoint_path,
@@ -170,6 +157,9 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.iteration, self.wall_time = state["epoch"], state["iteration"], state["wall_time"]
         self.loss_sums, self.pending = dict(state["loss_sums"]), state.get("pending")
+        if self.cfg.trainer.precision == "auto":  # a run that moves to another machine keeps its precision
+            self.precision = state.get("precision", self.precision)
+            self.autocast_dtype = autocast_dtype(self.precision)
         set_rng_state(state["rng"])
         if self.rank:  # each rank continues its own stream (seeded seed + rank)
             torch.manual_seed(self.cfg.trainer.seed + self.rank + 1_000_003 * (self.epoch * 100_003 + self.iteration))
@@ -206,7 +196,7 @@ class Trainer:
                  type(self.model).__name__, f"{total:,}", f"{trainable:,}", ", ".join(self.model.plugins) or "none")
         log.info("data %s: %d training and %d validation images, %d classes; device %s, precision %s",
                  cfg.data.root, len(self.train_set), len(self.val_set), self.num_classes, self.device,
-                 cfg.trainer.precision)
+                 self.precision)
         for dataset in (self.train_set.dataset, self.val_set):  # recall is capped at num_queries objects per image
             warning = queries_warning(dataset, cfg.model.num_queries)
             if warning:
@@ -321,7 +311,7 @@ class Trainer:
         row["train_time"] = pending["train_time"]
         row["epoch_time"] = row["train_time"] + row.get("eval_time", 0.0) + row.get("record_time", 0.0)
         row["wall_time"] = self.wall_time + self.elapsed()
-        row["precision"] = cfg.trainer.precision
+        row["precision"] = self.precision
         if self.main:
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                      if k in ("train_loss", "AP", "AP50", "IS") and v is not None))

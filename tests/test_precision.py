@@ -74,3 +74,38 @@ def test_giou_epsilon_matters_for_small_boxes_and_vanishes_at_zero():
     cost = criterion.matcher.cost_matrices({"pred_logits": torch.zeros(1, 1, 3), "pred_boxes": boxes(pred)[None]},
                                            [{"labels": torch.tensor([1]), "boxes": boxes(target)}])[0]
     assert cost.item() == pytest.approx(-with_eps.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("capability, device, expected", [
+    ({"amx_bf16": True, "avx512_bf16": True}, "cpu", "bf16"),
+    ({"amx_bf16": False, "avx512_bf16": True}, "cpu", "bf16"),
+    ({"amx_bf16": False, "avx512_bf16": False}, "cpu", "fp32"),
+    ({}, "cpu", "fp32"),
+    ({"amx_bf16": True, "avx512_bf16": True}, "cuda", "fp32"),
+])
+def test_auto_precision_is_bf16_only_on_cpus_with_bf16_units(monkeypatch, capability, device, expected):
+    from dndetr import device as device_module
+
+    monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda: capability)
+    assert device_module.pick_precision("auto", torch.device(device)) == expected
+    for explicit in ("fp32", "bf16"):  # an explicit choice is never overridden
+        assert device_module.pick_precision(explicit, torch.device(device)) == explicit
+
+
+def test_auto_run_records_what_it_resolved_to_and_resume_keeps_it(tmp_path, monkeypatch):
+    """A run started with auto on a bf16 CPU and resumed where auto would mean fp32 continues in bf16, exactly as
+    the uninterrupted run (the checkpoint records the resolved precision)."""
+    from dndetr.trainer import Trainer
+
+    monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda: {"amx_bf16": True})
+    overrides = tiny(tmp_path, "trainer.precision=auto", "trainer.epochs=2")
+    reference = Trainer(compose_config(overrides), tmp_path / "reference").fit()
+    assert {row["precision"] for row in reference} == {"bf16"}
+    run = tmp_path / "moved"
+    Trainer(compose_config(tiny(tmp_path, "trainer.precision=auto", "trainer.epochs=1")), run).fit()
+    monkeypatch.setattr(torch._C._cpu, "_get_cpu_capability", lambda: {})
+    resumed = Trainer(compose_config(overrides), run)
+    assert resumed.precision == "fp32"  # what auto means on this "machine" ...
+    rows = resumed.fit()
+    assert resumed.precision == "bf16"  # ... but the run continues as it started
+    assert without_timing(rows) == without_timing(reference)

@@ -123,6 +123,22 @@ def test_cpu_dropout_attention_path_computes_what_sdpa_computes():
     assert explicit.shape == (2, 6, 8) and torch.allclose(explicit, fused, atol=1e-5)
 
 
+
+def test_bf16_fused_attention_runs_in_fp32_on_the_cpu():
+    """Under CPU bf16 autocast the fused path computes in fp32 (torch's bf16 CPU kernel is several times slower):
+    the result is the fp32 attention of the bf16 inputs, returned in bf16, with gradients for every input."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 16, generator=gen).bfloat16().requires_grad_() for n in (6, 9, 9))
+    padding = torch.zeros(2, 9, dtype=torch.bool)
+    padding[1, -4:] = True
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, 4, 0.0, padding_mask=padding)
+    expected = attention(q.float(), k.float(), v.float(), 4, 0.0, padding_mask=padding)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, expected.bfloat16())  # not merely close: the bf16 kernel would differ in the last bits
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.bfloat16 for t in (q, k, v))
+
 def test_attention_dropout_drops_attention_weights_at_rate_p():
     """Uniform attention over identical values of 1: each output is the kept fraction of the row / (1 - p)."""
     torch.manual_seed(0)
@@ -207,3 +223,48 @@ def test_bench_dn_runs_and_times_the_plugin_step(tmp_path):
     assert [r["groups"] for r in rows] == [0, 2]
     assert rows[0]["dn_bookkeeping_s"] == 0 and rows[1]["dn_bookkeeping_s"] > 0  # the DN functions were timed
     assert rows[1]["dn_queries"] == 2 * 9 and all(r["step_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow  # six tiny train.py processes: about a minute
+def test_bench_default_job_times_a_commit_and_this_checkout(tmp_path):
+    """The before/after benchmark of the default job runs end to end (tiny runs) and reports every epoch."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO_ROOT, tiny
+
+    if subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout: --before needs the repository's history")
+    out = tmp_path / "job.json"
+    result = subprocess.run([sys.executable, "benchmarks/bench_default_job.py", "--before", "HEAD", "--precision",
+                             "fp32,bf16", "--rounds", "2", "--epochs", "1", "--json", str(out),
+                             *[o for o in tiny(tmp_path) if not o.startswith(("trainer.epochs", "trainer.precision"))]],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    variants = json.loads(out.read_text())["variants"]
+    assert list(variants) == ["before HEAD fp32", "now fp32", "now bf16"]
+    for row in variants.values():
+        assert len(row["train_time"]) == 2 and all(t > 0 for t in row["train_time"])
+        assert row["mean"] == pytest.approx(sum(row["train_time"]) / 2)
+    assert variants["before HEAD fp32"]["speedup_vs_first"] == 1.0
+    worktrees = subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "list"], capture_output=True, text=True)
+    assert "bench_default_job_" not in worktrees.stdout  # the temporary checkout is removed
+
+
+def test_bench_attention_times_every_shape_and_variant(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO_ROOT
+
+    out = tmp_path / "attention.json"
+    result = subprocess.run([sys.executable, "benchmarks/bench_attention.py", "--repeats", "1", "--warmup", "0",
+                             "--threads", "1", "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["attention"]
+    assert len(rows) == 5
+    for times in rows.values():
+        assert set(times) == {"SDPA fp32", "SDPA bf16", "ours, bf16 autocast"} and all(t > 0 for t in times.values())

@@ -77,7 +77,14 @@ def attention(q, k, v, nheads: int, dropout_p: float, attn_mask=None, padding_ma
     if dropout_p == 0.0 or q.device.type != "cpu":
         # SDPA's boolean mask marks what may be attended: the opposite convention.
         allowed = None if blocked is None else ~blocked
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            # torch's CPU flash kernel is 3-6x slower in bf16 than in fp32 (backward above all; benchmarks.md)
+            # (and CPU autocast would cast fp32 inputs back to bf16)
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed)
+            out = out.to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
     else:
         # SDPA's CPU kernels cannot drop attention weights (it would fall back to this same math with slow masks).
         # Both scalings go to the smaller operands: q before the product, 1 / (1 - p) on the output.

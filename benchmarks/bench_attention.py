@@ -1,0 +1,83 @@
+"""Forward + backward of the fused attention path (no dropout) at the sizes the models use, on the CPU: torch's
+SDPA in fp32, SDPA in bf16, and ours (``dndetr.models.transformer.attention``) under bf16 autocast, which runs the
+fused kernel in fp32 because of what this measures.
+
+All variants alternate repeat by repeat; the result is the median time per variant.
+
+    python benchmarks/bench_attention.py --repeats 20 --json attention.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import environment, median, timed, write_json  # noqa: E402
+from dndetr.models.transformer import attention  # noqa: E402
+
+# (name, batch, queries, keys, heads, head width): the default job's encoder (9x9 map at 144 px) and decoder
+# (20 queries), the study scale's encoder (8x8), and the bench config's DAB-DETR decoder without and with 10 DN
+# groups of 9 objects.
+SHAPES = [("default job encoder", 8, 81, 81, 8, 16), ("default job decoder", 8, 20, 20, 8, 16),
+          ("study encoder", 8, 64, 64, 8, 16), ("bench decoder, 300 queries", 2, 300, 300, 8, 32),
+          ("bench decoder, 390 queries", 2, 390, 390, 8, 32)]
+
+
+def inputs(batch, queries, keys, heads, width, dtype):
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, n, heads * width, generator=gen).to(dtype).requires_grad_()
+            for n in (queries, keys, keys)]
+
+
+def variants(batch, queries, keys, heads, width):
+    def sdpa(dtype):
+        q, k, v = (t.view(batch, t.shape[1], heads, width).transpose(1, 2) for t in inputs(batch, queries, keys,
+                                                                                           heads, width, dtype))
+        return lambda: F.scaled_dot_product_attention(q, k, v).float().sum().backward()
+
+    def ours_bf16_autocast():
+        q, k, v = inputs(batch, queries, keys, heads, width, torch.bfloat16)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = attention(q, k, v, heads, 0.0)
+            out.float().sum().backward()
+        return step
+    return {"SDPA fp32": sdpa(torch.float32), "SDPA bf16": sdpa(torch.bfloat16),
+            "ours, bf16 autocast": ours_bf16_autocast()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    torch.set_num_threads(args.threads)
+    results = {}
+    for name, *shape in SHAPES:
+        steps = variants(*shape)
+        times = {key: [] for key in steps}
+        for i in range(args.warmup + args.repeats):
+            for key, step in steps.items():
+                elapsed = timed(step, "cpu")
+                if i >= args.warmup:
+                    times[key].append(elapsed)
+        results[name] = {key: median(values) for key, values in times.items()}
+        row = ", ".join(f"{key} {value * 1e3:.2f} ms" for key, value in results[name].items())
+        print(f"{name} (batch {shape[0]}, {shape[1]}x{shape[2]}, {shape[3]} heads of {shape[4]}): {row}")
+    if args.json:
+        write_json(args.json, {"environment": environment(args.threads, "cpu"), "args": vars(args),
+                               "command": " ".join(sys.argv), "attention": results})
+
+
+if __name__ == "__main__":
+    main()
