@@ -28,8 +28,8 @@ def cpu_has_bf16_units() -> bool:
 
 
 def pick_precision(name: str, device: torch.device) -> str:
-    """``auto`` is bf16 on a CPU with bf16 units (measured: 1.2-1.6x faster steps, the same AP curves within the
-    seed spread; docs/training.md) and fp32 everywhere else, CUDA included (the official models train in fp32)."""
+    """``auto`` is bf16 on a CPU with bf16 units (where it was measured 1.2-1.5x faster than fp32; its AP against
+    fp32's is in docs/training.md) and fp32 everywhere else, CUDA included (the official models train in fp32)."""
     if name == "fp16" and device.type != "cuda":
         raise ConfigError("trainer.precision='fp16' is invalid: fp16 autocast needs a CUDA device (use bf16 on CPU)")
     if name != "auto":

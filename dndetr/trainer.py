@@ -37,6 +37,8 @@ log = logging.getLogger("dndetr")
 CHECKPOINT = "checkpoint_last.pt"
 BEST_CHECKPOINT = "checkpoint_best.pt"  # the model of the epoch with the highest AP so far
 METRICS = "metrics.jsonl"
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced NaN/Inf; the last good checkpoint is left untouched."""
 

@@ -78,8 +78,8 @@ def attention(q, k, v, nheads: int, dropout_p: float, attn_mask=None, padding_ma
         # SDPA's boolean mask marks what may be attended: the opposite convention.
         allowed = None if blocked is None else ~blocked
         if q.device.type == "cpu" and q.dtype != torch.float32:
-            # torch's CPU flash kernel is 3-6x slower in bf16 than in fp32 (backward above all; benchmarks.md)
-            # (and CPU autocast would cast fp32 inputs back to bf16)
+            # torch's CPU flash kernel is several times slower in bf16 than in fp32 at our sizes, backward above
+            # all (benchmarks/bench_attention.py); autocast is off because it would cast the fp32 inputs back
             with torch.autocast("cpu", enabled=False):
                 out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed)
             out = out.to(q.dtype)
