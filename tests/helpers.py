@@ -23,6 +23,7 @@ TINY = [
     "data.synthetic.max_objects=4", "data.train_scales=[64]", "data.max_size=64", "data.val_size=64",
     "data.batch_size=4", "data.val_batch_size=8", "data.num_workers=0", "trainer.epochs=3",
     "trainer.threads=1", "trainer.progress=false",
+    "trainer.precision=fp32",  # expected values are fp32's on every machine; bf16 and auto: test_precision.py
 ]
 
 
