@@ -3,9 +3,10 @@ this checkout, in each precision, as real `train.py` processes.
 
 Each round runs every variant once (``trainer.epochs`` short runs, in their own temporary run folders), so that
 outside load hits all of them; the result per variant is the mean ``train_time`` of ``metrics.jsonl`` (the
-training iterations of an epoch, data loading included, evaluation excluded) over all epochs of all rounds.
-``--before`` checks the given commit out into a temporary git worktree; it runs in fp32 without a precision
-override (the option did not exist before issue 12).
+training iterations of an epoch, data loading included, evaluation excluded) over all epochs of all rounds, and,
+where the commit records it, the mean ``data_time`` (waiting for the loader) and the step time left without it.
+``--before`` checks the given commit out into a temporary git worktree and runs it with its own default precision
+(fp32 for commits older than issue 12's ``trainer.precision``).
 
     python benchmarks/bench_default_job.py --before ca71d6d --precision fp32,bf16 --rounds 2 --json job.json
 """
@@ -27,7 +28,7 @@ from benchmarks.common import environment, parse_names, write_json  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train_times(checkout: Path, run_dir: Path, overrides: list) -> list:
+def epoch_times(checkout: Path, run_dir: Path, overrides: list) -> list:
     command = [sys.executable, str(checkout / "train.py"), f"hydra.run.dir={run_dir}", "trainer.progress=false",
                *overrides]
     env = dict(os.environ, PYTHONPATH=str(checkout))  # the checkout's own dndetr, not the installed one
@@ -35,12 +36,12 @@ def train_times(checkout: Path, run_dir: Path, overrides: list) -> list:
     if result.returncode != 0:
         raise SystemExit(f"error: {' '.join(command)} failed: {(result.stderr or result.stdout).strip()[-500:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [row["train_time"] for row in rows]
+    return [(row["train_time"], row.get("data_time")) for row in rows]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--before", default=None, help="a commit to compare with (fp32), e.g. ca71d6d")
+    parser.add_argument("--before", default=None, help="a commit to compare with (its default precision), e.g. ca71d6d")
     parser.add_argument("--precision", default="fp32,bf16", help="precisions of this checkout, comma-separated")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
@@ -62,26 +63,32 @@ def main() -> None:
                                    capture_output=True, text=True)
             if added.returncode != 0:
                 parser.error(f"--before {args.before}: {added.stderr.strip().splitlines()[-1]}")
-            variants = {f"before {args.before} fp32": (worktree, []), **variants}
+            variants = {f"before {args.before}": (worktree, []), **variants}
         times = {name: [] for name in variants}
         try:
             for round_index in range(args.rounds):
                 for name, (checkout, overrides) in variants.items():
                     run_dir = tmp / f"{name.replace(' ', '_')}_{round_index}"
-                    times[name] += train_times(checkout, run_dir,
+                    times[name] += epoch_times(checkout, run_dir,
                                                [f"trainer.epochs={args.epochs}", *args.overrides, *overrides])
         finally:
             if args.before:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "before")],
                                capture_output=True)
-    first = statistics.mean(next(iter(times.values())))
-    print(f"default job, {args.rounds} rounds x {args.epochs} epochs; training seconds per epoch (mean, range), "
-          f"and the first variant's time over each:")
+    first = statistics.mean(train for train, _ in next(iter(times.values())))
+    print(f"default job, {args.rounds} rounds x {args.epochs} epochs; seconds per epoch (mean, range): training, the "
+          f"first variant's training time over each, waiting for data, and training without it:")
     results = {}
-    for name, values in times.items():
-        mean = statistics.mean(values)
-        results[name] = {"train_time": values, "mean": mean, "speedup_vs_first": first / mean}
-        print(f"  {name:28s} {mean:6.2f} s  ({min(values):.2f}-{max(values):.2f})   {first / mean:.2f}x")
+    for name, epochs in times.items():
+        train = [t for t, _ in epochs]
+        data = [d for _, d in epochs] if all(d is not None for _, d in epochs) else None
+        mean = statistics.mean(train)
+        results[name] = {"train_time": train, "mean": mean, "speedup_vs_first": first / mean, "data_time": data,
+                         "step_mean": mean - statistics.mean(data) if data else None}
+        line = f"  {name:28s} {mean:6.2f} s  ({min(train):.2f}-{max(train):.2f})   {first / mean:.2f}x"
+        if data:
+            line += f"   data {statistics.mean(data):.2f} s   steps {results[name]['step_mean']:.2f} s"
+        print(line)
     if args.json:
         write_json(args.json, {"environment": environment(0, "cpu"), "args": vars(args), "command": " ".join(sys.argv),
                                "variants": results})

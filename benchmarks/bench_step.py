@@ -4,10 +4,12 @@ For each model family both implementations are built with the same bench config 
 in the same process, alternating ours and the peer repeat by repeat so that load from other processes hits both.
 A training step is forward + loss (under bf16 autocast with ``--precision bf16``) + backward + clip + fused AdamW
 step; inference is one eval-mode forward under no_grad (no post-processing). Each variant (precision x dropout
-setting, and with ``--channels-last`` NCHW and NHWC backbones) is measured in this one process:
+setting x backbone layout) is measured in this one process:
 
 - dropout "default": each library's defaults; "matched": the peer gets our (the official) dropout everywhere, so
   both sides do the same computation (``step_ratio`` in the JSON is ours/peer there, at the first precision).
+- layout "nchw" (the default) or "nhwc": both backbones in that memory layout; "shipped": each as its library
+  ships it, ours NHWC (``Backbone`` runs channels_last by default) and transformers' NCHW. Same values and FLOPs.
 - roofline: the step's FLOPs (torch.utils.flop_counter) over the best measured matmul rate at that precision.
 
     python benchmarks/bench_step.py --models detr,conditional,dab --precision fp32,bf16 --json out.json
@@ -27,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (PRECISIONS, Stopwatch, as_input, autocast, build_ours, build_peer,  # noqa: E402
-                               check_run_args, count_flops, make_batch, make_optimizer, matmul_ceiling, median,
-                               our_step, parse_names, patched, peer_step, registered_models, save_results,
-                               set_channels_last, timed, watching_our_matcher)
+from benchmarks.common import (LAYOUTS, PRECISIONS, Stopwatch, as_input, autocast, build_ours,  # noqa: E402
+                               build_peer, check_run_args, count_flops, make_batch, make_optimizer, matmul_ceiling,
+                               median, our_step, parse_names, patched, peer_step, registered_models, save_results,
+                               set_layouts, timed, watching_our_matcher)
 
 DROPOUTS = ("default", "matched")
 
@@ -110,27 +112,29 @@ def bench_model(name: str, args, ceilings: dict) -> dict:
 
     watches = {"ours": Stopwatch(args.device), "peer": Stopwatch(args.device)}
     with watching_matchers(watches):
-        for channels_last, precision in itertools.product(args.channels_last, args.precision):
-            inputs = as_input(images, channels_last)
+        for layout, precision in itertools.product(args.layout, args.precision):
+            ours_nhwc, peer_nhwc = LAYOUTS[layout]
+            ours_in, peer_in = as_input(images, ours_nhwc), as_input(images, peer_nhwc)
             for dropout, peer in peers.items():
-                set_channels_last(ours, peer, channels_last)
+                set_layouts(ours, peer, layout)
                 our_opt, peer_opt = make_optimizer(ours), make_optimizer(peer)  # state in the current layout
-                runs = {"ours": lambda: our_step(ours, criterion, our_opt, inputs, masks, targets, precision),
-                        "peer": lambda: peer_step(peer, peer_opt, inputs, masks, targets, precision)}
-                row = {"precision": precision, "dropout": dropout, "channels_last": channels_last}
+                runs = {"ours": lambda: our_step(ours, criterion, our_opt, ours_in, masks, targets, precision),
+                        "peer": lambda: peer_step(peer, peer_opt, peer_in, masks, targets, precision)}
+                row = {"precision": precision, "dropout": dropout, "layout": layout}
                 result["variants"].append(step_row(row, alternate(runs, args, watches), result, ceilings))
-            infer = infer_times(ours, any_peer, inputs, masks, precision, args)
-            result["inference"].append({"precision": precision, "channels_last": channels_last,
-                                        **summarise("infer", infer)})
+            set_layouts(ours, any_peer, layout)
+            infer = infer_times(ours, any_peer, (ours_in, peer_in), masks, precision, args)
+            result["inference"].append({"precision": precision, "layout": layout, **summarise("infer", infer)})
             ours.train(), any_peer.train()
     equal = [r for r in result["variants"] if r["dropout"] == "matched"] or result["variants"]
     result["step_ratio"] = equal[0]["step_ratio"]  # ours/peer at equal settings (dropout matched)
     return result
 
 
-def infer_times(ours, peer, images, masks, precision: str, args) -> dict:
-    forwards = {"ours": lambda: ours(images, masks),
-                "peer": lambda: peer(pixel_values=images, pixel_mask=(~masks).long())}
+def infer_times(ours, peer, images: tuple, masks, precision: str, args) -> dict:
+    """``images``: (ours' input, the peer's input), each in its side's layout."""
+    forwards = {"ours": lambda: ours(images[0], masks),
+                "peer": lambda: peer(pixel_values=images[1], pixel_mask=(~masks).long())}
     ours.eval(), peer.eval()
     with torch.no_grad(), autocast(precision, args.device):
         return alternate(forwards, args)
@@ -138,18 +142,18 @@ def infer_times(ours, peer, images, masks, precision: str, args) -> dict:
 
 def print_tables(results) -> None:
     """Medians in seconds; ratio = median over repeats of ours/peer (ratio of the minima)."""
-    print(f"{'model':<12}{'prec':<6}{'dropout':<9}{'NHWC':<6}{'step ours':>9}{'step HF':>9}{'ratio':>13}"
+    print(f"{'model':<12}{'prec':<6}{'dropout':<9}{'layout':<8}{'step ours':>9}{'step HF':>9}{'ratio':>13}"
           f"{'roof ours':>10}{'roof HF':>9}{'match% ours':>12}{'HF':>7}")
     for r in results:
         for v in r["variants"]:
-            print(f"{r['model']:<12}{v['precision']:<6}{v['dropout']:<9}{'yes' if v['channels_last'] else 'no':<6}"
+            print(f"{r['model']:<12}{v['precision']:<6}{v['dropout']:<9}{v['layout']:<8}"
                   f"{v['step_ours_s']:>9.3f}{v['step_peer_s']:>9.3f}{v['step_ratio']:>7.2f} ({v['step_ratio_min']:.2f})"
                   f"{100 * v['roofline_share_ours']:>9.0f}%{100 * v['roofline_share_peer']:>8.0f}%"
                   f"{100 * v['matching_share_ours']:>11.2f}%{100 * v['matching_share_peer']:>6.2f}%")
-    print(f"\n{'model':<12}{'prec':<6}{'NHWC':<6}{'infer ours':>11}{'infer HF':>10}{'ratio':>13}")
+    print(f"\n{'model':<12}{'prec':<6}{'layout':<8}{'infer ours':>11}{'infer HF':>10}{'ratio':>13}")
     for r in results:
         for v in r["inference"]:
-            print(f"{r['model']:<12}{v['precision']:<6}{'yes' if v['channels_last'] else 'no':<6}"
+            print(f"{r['model']:<12}{v['precision']:<6}{v['layout']:<8}"
                   f"{v['infer_ours_s']:>11.3f}{v['infer_peer_s']:>10.3f}"
                   f"{v['infer_ratio']:>7.2f} ({v['infer_ratio_min']:.2f})")
     print("\nroof = the step's FLOPs at the measured matmul ceiling / the measured step (100% = compute-bound)")
@@ -162,8 +166,8 @@ def main(argv=None) -> None:
     parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
     parser.add_argument("--dropout", default="default,matched",
                         help="comma-separated: default (each library's), matched (the peer gets ours everywhere)")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="measure NHWC backbones on both sides as well as NCHW")
+    parser.add_argument("--layout", default="nchw",
+                        help="comma-separated backbone layouts: nchw, nhwc (both sides), shipped (ours NHWC, peer NCHW)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--size", type=int, default=384)
@@ -177,9 +181,9 @@ def main(argv=None) -> None:
         names = parse_names(args.models, registered_models(with_peer=True))
         args.precision = parse_names(args.precision, tuple(PRECISIONS), "--precision")
         args.dropout = parse_names(args.dropout, DROPOUTS, "--dropout")
+        args.layout = parse_names(args.layout, tuple(LAYOUTS), "--layout")
     except ValueError as err:
         parser.error(str(err))
-    args.channels_last = [False, True] if args.channels_last else [False]
     check_run_args(parser, args)
 
     ceilings = {precision: matmul_ceiling(precision, args.device) for precision in args.precision}

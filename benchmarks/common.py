@@ -129,10 +129,17 @@ def autocast(precision: str, device: str):
     return torch.autocast(device, dtype=torch.bfloat16, enabled=PRECISIONS[precision] is torch.bfloat16)
 
 
-def set_channels_last(ours, peer, enabled: bool) -> None:
-    """NHWC or NCHW backbone weights on both sides (the images follow in ``as_input``)."""
-    ours.backbone.set_channels_last(enabled)
-    peer.get_submodule("model.backbone").to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+# Backbone memory layouts (ours, peer): both NCHW, both NHWC, or each as its library ships it (ours NHWC,
+# transformers NCHW). Only the layout of the same values changes, never the computation.
+LAYOUTS = {"nchw": (False, False), "nhwc": (True, True), "shipped": (True, False)}
+
+
+def set_layouts(ours, peer, layout: str) -> None:
+    """NHWC or NCHW backbone weights on each side (the images follow in ``as_input``)."""
+    ours_nhwc, peer_nhwc = LAYOUTS[layout]
+    ours.backbone.set_channels_last(ours_nhwc)
+    peer.get_submodule("model.backbone").to(memory_format=torch.channels_last if peer_nhwc
+                                            else torch.contiguous_format)
 
 
 def as_input(images: torch.Tensor, channels_last: bool) -> torch.Tensor:

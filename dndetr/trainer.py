@@ -221,8 +221,10 @@ class Trainer:
             from tqdm import tqdm
             progress = tqdm(total=len(batches), initial=self.iteration, desc=f"epoch {epoch}", leave=False,
                             dynamic_ncols=True)
-        start, done = time.perf_counter(), 0
+        start, done, data_time = time.perf_counter(), 0, 0.0
+        fetch_started = start
         for images, masks, targets in loader:
+            data_time += time.perf_counter() - fetch_started  # waiting for the loader (Detectron2's data_time)
             with self.deferred():
                 step_start = time.perf_counter()
                 loss_values = self.train_step(images, masks, targets)
@@ -243,13 +245,14 @@ class Trainer:
             if every and self.iteration % every == 0 and self.iteration < len(batches):
                 with self.deferred():
                     self.save()
+            fetch_started = time.perf_counter()
         if progress is not None:
             progress.close()
         train_time = time.perf_counter() - start
         iterations = max(self.iteration, 1)
         self.check_weights()
         self.pending = {"losses": {k: v / iterations for k, v in sums.items()},
-                        "iter_time": train_time / max(done, 1), "train_time": train_time}
+                        "iter_time": train_time / max(done, 1), "train_time": train_time, "data_time": data_time}
         with self.deferred():
             self.save()  # the trained epoch is committed before anything can go wrong in evaluation
 
@@ -311,6 +314,7 @@ class Trainer:
                                       f"{trace.name}); re-running redoes only the evaluation") from None
         row["iter_time"] = pending["iter_time"]
         row["train_time"] = pending["train_time"]
+        row["data_time"] = pending.get("data_time", 0.0)  # a checkpoint from before data_time existed has none
         row["epoch_time"] = row["train_time"] + row.get("eval_time", 0.0) + row.get("record_time", 0.0)
         row["wall_time"] = self.wall_time + self.elapsed()
         row["precision"] = self.precision

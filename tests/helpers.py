@@ -52,7 +52,7 @@ def read_metrics(run_dir: Path) -> List[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-TIMING_KEYS = ("iter_time", "wall_time", "train_time", "eval_time", "record_time", "epoch_time")
+TIMING_KEYS = ("iter_time", "wall_time", "train_time", "data_time", "eval_time", "record_time", "epoch_time")
 
 
 def without_timing(rows: List[dict]) -> List[dict]:

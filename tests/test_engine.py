@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,10 +13,10 @@ import torch
 from dndetr.config import LossConfig, MatcherConfig
 from dndetr.data import CocoDetection
 from dndetr.evaluation import coco_ap
-from dndetr.trainer import CheckpointError, load_checkpoint
+from dndetr.trainer import CheckpointError, Trainer, load_checkpoint
 from dndetr.matcher import HungarianMatcher
 from dndetr.models import MODELS
-from helpers import REPO_ROOT, read_metrics, run_train, tiny, without_timing
+from helpers import REPO_ROOT, compose_config, read_metrics, run_train, tiny, without_timing
 
 
 def test_train_writes_metrics_checkpoint_and_matchings(tmp_path):
@@ -31,6 +32,23 @@ def test_train_writes_metrics_checkpoint_and_matchings(tmp_path):
     state = load_checkpoint(run / "checkpoint_last.pt")
     assert state["epoch"] == 3 and state["iteration"] == 0
     assert "metrics.jsonl" in result.stdout and "checkpoint_last.pt" in result.stdout
+
+
+def test_data_time_is_the_time_spent_waiting_for_the_loader(tmp_path, monkeypatch):
+    trainer = Trainer(compose_config(tiny(tmp_path)), tmp_path / "run")
+    load = type(trainer.train_set.dataset).__getitem__
+
+    def slow_load(dataset, index):
+        time.sleep(0.05)
+        return load(dataset, index)
+
+    monkeypatch.setattr(type(trainer.train_set.dataset), "__getitem__", slow_load)
+    trainer.train_one_epoch()
+    timings = trainer.pending
+    assert 16 * 0.05 <= timings["data_time"] < 16 * 0.05 + 0.5  # 16 images in 4 batches
+    assert timings["data_time"] < timings["train_time"]
+    row = trainer.finish_epoch()
+    assert row["data_time"] == timings["data_time"] and row["train_time"] == timings["train_time"]
 
 
 @pytest.mark.parametrize("kill_at", ["iteration:1:2", "save:1:2", "eval:1:0", "record:1:0", "iteration:1:4"])

@@ -2,6 +2,8 @@
 the channels_last backbone."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,6 +166,27 @@ def test_channels_last_backbone_gives_the_same_features():
     assert torch.allclose(nhwc, nchw, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_stem_pools_before_its_relu_with_torchvisions_values_and_gradients(precision):
+    torch.manual_seed(0)
+    ours = Backbone(BackboneConfig(name="resnet18", frozen_bn=False, trainable_layers=5, output_layer="layer2"))
+    assert list(ours.body.named_children())[1:4] == [("bn1", ours.body.bn1), ("maxpool", ours.body.maxpool),
+                                                     ("relu", ours.body.relu)]
+    reference = copy.deepcopy(ours.body)  # the same modules, run in torchvision's order
+    torchvision_order = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2"]
+    images = torch.randn(2, 3, 64, 80).contiguous(memory_format=torch.channels_last)
+    results = []
+    for forward, modules in ((lambda x: ours.body(x)["0"], ours.body),
+                             (lambda x: nn.Sequential(*(reference[n] for n in torchvision_order))(x), reference)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            features = forward(images)
+        (features.float() * torch.linspace(-1, 1, features.numel()).view_as(features)).sum().backward()
+        results.append([features.detach(), *(p.grad for p in modules.parameters()), *modules.buffers()])
+    assert len(results[0]) == len(results[1]) > 40
+    for ours_value, reference_value in zip(*results):
+        assert torch.equal(ours_value, reference_value)
+
+
 def test_benchmark_flop_count_includes_fused_cpu_attention():
     """The roofline columns of benchmarks/bench_step.py count SDPA's fused CPU kernels, forward and backward."""
     from benchmarks.common import count_flops
@@ -243,11 +266,14 @@ def test_bench_default_job_times_a_commit_and_this_checkout(tmp_path):
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     variants = json.loads(out.read_text())["variants"]
-    assert list(variants) == ["before HEAD fp32", "now fp32", "now bf16"]
+    assert list(variants) == ["before HEAD", "now fp32", "now bf16"]
     for row in variants.values():
         assert len(row["train_time"]) == 2 and all(t > 0 for t in row["train_time"])
         assert row["mean"] == pytest.approx(sum(row["train_time"]) / 2)
-    assert variants["before HEAD fp32"]["speedup_vs_first"] == 1.0
+    for row in (variants["now fp32"], variants["now bf16"]):  # HEAD may predate data_time; this checkout has it
+        assert len(row["data_time"]) == 2 and all(0 < d < t for d, t in zip(row["data_time"], row["train_time"]))
+        assert row["step_mean"] == pytest.approx(row["mean"] - sum(row["data_time"]) / 2)
+    assert variants["before HEAD"]["speedup_vs_first"] == 1.0
     worktrees = subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "list"], capture_output=True, text=True)
     assert "bench_default_job_" not in worktrees.stdout  # the temporary checkout is removed
 
