@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, median, timed, write_json  # noqa: E402
+from benchmarks.common import median, round_robin, save_results  # noqa: E402
 from dndetr.models.transformer import attention  # noqa: E402
 
 # (name, batch, queries, keys, heads, head width): the default job's encoder (9x9 map at 144 px) and decoder
@@ -64,19 +64,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = {}
     for name, *shape in SHAPES:
-        steps = variants(*shape)
-        times = {key: [] for key in steps}
-        for i in range(args.warmup + args.repeats):
-            for key, step in steps.items():
-                elapsed = timed(step, "cpu")
-                if i >= args.warmup:
-                    times[key].append(elapsed)
+        times = round_robin(variants(*shape), args.warmup, args.repeats)
         results[name] = {key: median(values) for key, values in times.items()}
         row = ", ".join(f"{key} {value * 1e3:.2f} ms" for key, value in results[name].items())
         print(f"{name} (batch {shape[0]}, {shape[1]}x{shape[2]}, {shape[3]} heads of {shape[4]}): {row}")
-    if args.json:
-        write_json(args.json, {"environment": environment(args.threads, "cpu"), "args": vars(args),
-                               "command": " ".join(sys.argv), "attention": results})
+    save_results(args, "attention", results)
 
 
 if __name__ == "__main__":

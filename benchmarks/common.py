@@ -48,13 +48,13 @@ def registered_models(with_peer: bool = False) -> List[str]:
     return sorted(name for name in MODELS if name in PEERS or not with_peer)
 
 
-def compose_config(overrides: List[str]) -> Config:
-    """The published configuration (without the default CPU experiment) with these Hydra overrides."""
+def compose_config(overrides: List[str], default_job: bool = False) -> Config:
+    """The published configuration (or, with ``default_job``, the default CPU job's) with these Hydra overrides."""
     from hydra import compose, initialize_config_dir
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return validate(compose("config", overrides=["~experiment"] + overrides))
+        return validate(compose("config", overrides=([] if default_job else ["~experiment"]) + overrides))
 
 
 def bench_config(name: str, dn_groups: int = 0) -> Config:
@@ -204,6 +204,18 @@ def timed(fn: Callable[[], None], device: str) -> float:
     return time.perf_counter() - start
 
 
+def round_robin(runs: Dict[str, Callable[[], None]], warmup: int, repeats: int, device: str = "cpu") -> dict:
+    """``warmup`` + ``repeats`` rounds of one call of each run, back to back, so that outside load hits all of
+    them: {name: [seconds of each repeat]}."""
+    times = {name: [] for name in runs}
+    for i in range(warmup + repeats):
+        for name, run in runs.items():
+            elapsed = timed(run, device)
+            if i >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
 def median(values: List[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -284,8 +296,10 @@ def check_run_args(parser, args) -> None:
 
 
 def save_results(args, key: str, value) -> None:
+    """``--json``: the results under ``key``, with the machine, the arguments and the command line."""
     if args.json:
-        write_json(args.json, {"environment": environment(args.threads, args.device), "args": vars(args),
+        device = getattr(args, "device", "cpu")
+        write_json(args.json, {"environment": environment(args.threads, device), "args": vars(args),
                                "command": " ".join(sys.argv), key: value})
 
 

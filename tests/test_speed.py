@@ -294,3 +294,22 @@ def test_bench_attention_times_every_shape_and_variant(tmp_path):
     assert len(rows) == 5
     for times in rows.values():
         assert set(times) == {"SDPA fp32", "SDPA bf16", "ours, bf16 autocast"} and all(t > 0 for t in times.values())
+
+
+def test_bench_backbone_times_our_layout_and_stem_against_the_replaced_ones(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from helpers import REPO_ROOT
+
+    out = tmp_path / "backbone.json"
+    result = subprocess.run([sys.executable, "benchmarks/bench_backbone.py", "--repeats", "2", "--warmup", "0",
+                             "--batch", "2", "--size", "64", "--threads", "1", "--json", str(out)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads(out.read_text())["backbone"]
+    assert list(results) == ["fp32", "bf16"]
+    for rows in results.values():
+        assert len(rows) == 3 and all(row["median_s"] > 0 for row in rows.values())
+        assert next(iter(rows.values()))["vs_ours"] == 1.0
