@@ -43,3 +43,13 @@ def preserved_rng() -> Iterator[None]:
         yield
     finally:
         set_rng_state(state)
+
+
+@contextmanager
+def cpu_seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's CPU generator seeded with ``seed``, then restore it. Only the CPU generator is reseeded:
+    ``torch.manual_seed`` would reseed the CUDA generators too, which ``fork_rng(devices=[])`` does not restore, so a
+    GPU run's own random stream would then depend on where its samples were loaded (main process or workers)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data import collate
+from .rng import cpu_seeded
 
 
 class SeededSamples(Dataset):
@@ -24,8 +25,7 @@ class SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2 ** 63))
+        with cpu_seeded((self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2 ** 63)):
             return self.dataset[index]
 
 

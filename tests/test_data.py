@@ -16,6 +16,7 @@ from dndetr.config import ConfigError, DataConfig, SyntheticConfig
 from dndetr.data import CocoDetection, DataError, build_dataset, build_transforms, collate, ensure_synthetic, num_classes
 from dndetr.data import synthetic
 from dndetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomSizeCrop
+from dndetr.sampling import SeededSamples
 
 torch.set_num_threads(1)
 COCO_MINI = Path(os.environ.get("DNDETR_COCO_MINI", Path(__file__).resolve().parents[2] / "shared/data/coco_mini"))
@@ -193,6 +194,28 @@ def test_coco_mini_collate_masks():
         h, w = target["size"].tolist()
         assert image.shape[1:] == (h, w)
         assert not mask[:h, :w].any() and mask.sum() == mask.numel() - h * w
+
+
+def test_seeded_samples_reseed_only_the_cpu_generator_and_restore_it(small_synthetic, monkeypatch):
+    """Sample i's augmentation is what seeding torch with (seed, epoch, i) gives; the CUDA generators are never
+    reseeded (fork_rng(devices=[]) would not restore them), and the CPU generator is left as it was."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    cfg = DataConfig(name="synthetic", root=str(small_synthetic), **CPU_DATA)
+    dataset = CocoDetection(small_synthetic, "train2017", build_transforms(cfg, train=True))
+    samples = SeededSamples(dataset, seed=3)
+    samples.epoch = 2
+    torch.manual_seed(0)
+    reseeded.clear()
+    state = torch.get_rng_state()
+    image, target = samples[5]
+    assert reseeded == [] and torch.equal(torch.get_rng_state(), state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3 * 1_000_003 + 2 * 10_007 + 5)
+        expected_image, expected_target = dataset[5]
+    assert torch.equal(image, expected_image) and torch.equal(target["boxes"], expected_target["boxes"])
+    other_epoch = SeededSamples(dataset, seed=3)[5][0]
+    assert other_epoch.shape != image.shape or not torch.equal(other_epoch, image)  # (seed, epoch) matters
 
 
 # ---------------------------------------------------------------- transforms

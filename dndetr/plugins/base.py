@@ -28,6 +28,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..rng import cpu_seeded
+
 PLUGINS: Dict[str, type] = {}
 
 
@@ -41,8 +43,7 @@ def register_plugin(cls: type) -> type:
 def isolated_init(name: str) -> Iterator[None]:
     """Draw initial values from a generator seeded by (run seed, name) and leave the global RNG as it was."""
     seed = (torch.initial_seed() * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with cpu_seeded(seed):
         yield
 
 
