@@ -221,10 +221,15 @@ class Trainer:
             from tqdm import tqdm
             progress = tqdm(total=len(batches), initial=self.iteration, desc=f"epoch {epoch}", leave=False,
                             dynamic_ncols=True)
-        start, done, data_time = time.perf_counter(), 0, 0.0
-        fetch_started = start
-        for images, masks, targets in loader:
-            data_time += time.perf_counter() - fetch_started  # waiting for the loader (Detectron2's data_time)
+        start, done, data_time, batches_left = time.perf_counter(), 0, 0.0, iter(loader)
+        while True:
+            with self.deferred():  # loading forks the global RNG per sample: no checkpoint may catch it forked
+                fetch_started = time.perf_counter()
+                batch = next(batches_left, None)
+                data_time += time.perf_counter() - fetch_started  # waiting for the loader (Detectron2's data_time)
+            if batch is None:
+                break
+            images, masks, targets = batch
             with self.deferred():
                 step_start = time.perf_counter()
                 loss_values = self.train_step(images, masks, targets)
@@ -245,7 +250,6 @@ class Trainer:
             if every and self.iteration % every == 0 and self.iteration < len(batches):
                 with self.deferred():
                     self.save()
-            fetch_started = time.perf_counter()
         if progress is not None:
             progress.close()
         train_time = time.perf_counter() - start
@@ -314,7 +318,7 @@ class Trainer:
                                       f"{trace.name}); re-running redoes only the evaluation") from None
         row["iter_time"] = pending["iter_time"]
         row["train_time"] = pending["train_time"]
-        row["data_time"] = pending.get("data_time", 0.0)  # a checkpoint from before data_time existed has none
+        row["data_time"] = pending.get("data_time")  # null: trained by a version that did not measure it
         row["epoch_time"] = row["train_time"] + row.get("eval_time", 0.0) + row.get("record_time", 0.0)
         row["wall_time"] = self.wall_time + self.elapsed()
         row["precision"] = self.precision

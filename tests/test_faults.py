@@ -219,3 +219,48 @@ def test_bad_init_checkpoint_exits_2_with_one_line(tmp_path, case):
                        timeout=300)
     assert_one_error_line(result, str(checkpoint), expected)
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoint_last.pt").exists()
+
+
+def test_preemption_signal_while_loading_a_sample_saves_the_training_rng(tmp_path, monkeypatch):
+    """The signal lands inside a sample's augmentation, where the global RNG is forked and seeded for that sample;
+    the save waits until the batch is loaded, so the checkpoint holds the RNG of the last whole iteration."""
+    import signal
+
+    from dndetr.distributed import PreemptionHook
+
+    trainer = Trainer(compose_config(tiny(tmp_path, "model.dropout=0.1", "dn.groups=2")), tmp_path / "run")
+    after_steps, saved = [], []
+    train_step = trainer.train_step
+
+    def recording_step(*batch):
+        result = train_step(*batch)
+        after_steps.append(torch.get_rng_state())
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", recording_step)
+    load = type(trainer.train_set.dataset).__getitem__
+
+    def signalling_load(dataset, index):
+        if len(after_steps) == 2 and not saved:  # loading the third batch
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return load(dataset, index)
+
+    monkeypatch.setattr(type(trainer.train_set.dataset), "__getitem__", signalling_load)
+
+    class Requeued(Exception):
+        pass
+
+    def submitit_handler(signum, frame):  # what submitit does after the save: requeue and leave
+        raise Requeued
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        trainer.preemption = PreemptionHook(lambda: saved.append((trainer.iteration, torch.get_rng_state())),
+                                            signal.SIGUSR2)
+        with pytest.raises(Requeued):
+            trainer.train_one_epoch()
+    finally:
+        trainer.preemption.remove()
+        signal.signal(signal.SIGUSR2, previous)
+    assert len(saved) == 1 and saved[0][0] == 2  # two whole iterations
+    assert torch.equal(saved[0][1], after_steps[-1])

@@ -80,7 +80,7 @@ class Backbone(nn.Module):
 def pool_before_relu(body: nn.Module) -> None:
     """Run the stem's max-pool before its ReLU. Both are monotone, so relu(maxpool(x)) == maxpool(relu(x)) and the
     gradients agree too (an input gets one only if it is its window's maximum and positive), while the ReLU and its
-    backward now touch a quarter of the pixels: the stem's largest tensor is no longer read twice more."""
+    backward run on the pooled tensor, a quarter of the stem's largest one."""
     names = list(body._modules)
     if names[1:4] != ["bn1", "relu", "maxpool"]:
         raise ValueError(f"unexpected ResNet stem {names[:4]}")
