@@ -12,7 +12,8 @@ from torch import nn
 from dndetr.config import BackboneConfig, LossConfig, MatcherConfig
 from dndetr.matcher import HungarianMatcher
 from dndetr.models.backbone import Backbone
-from dndetr.models.transformer import Dropout, MultiheadAttention, attention, dropout, keep_mask
+from dndetr.models.transformer import (Dropout, MultiheadAttention, attention, dropout, fast_dropout_applies,
+                                       keep_mask, keep_probability)
 
 
 def layer_outputs(num_layers: int, batch: int, queries: int, classes: int, seed: int = 0):
@@ -55,28 +56,47 @@ def test_match_layers_refuses_non_finite_outputs():
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_keep_mask_keeps_each_element_with_probability_one_minus_p(p):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keep_mask_keeps_each_element_with_probability_one_minus_p(p, dtype):
     torch.manual_seed(0)
-    x = torch.empty(1001, 999)  # odd element count: the last int64 word is half used
+    x = torch.empty(1001, 999, dtype=dtype)  # element count not a multiple of 4: the last random word is part used
     mask = keep_mask(x, p)
-    assert mask.shape == x.shape and mask.dtype == torch.bool
+    assert mask.shape == x.shape and mask.dtype == dtype
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    assert keep_probability(p) == 1 - round(p * 2 ** 16) / 2 ** 16 and abs(keep_probability(p) - (1 - p)) <= 2 ** -17
     flat = mask.flatten().float()
-    sigma = (p * (1 - p) / (flat.numel() / 2)) ** 0.5
-    # Both 31-bit lanes of the random words (even and odd elements) are unbiased, and they are not the same bits.
-    for lane in (flat[0::2], flat[1::2]):
-        assert abs(lane.mean().item() - (1 - p)) < 5 * sigma
-    assert (flat[0:-1:2] != flat[1::2]).float().mean().item() == pytest.approx(2 * p * (1 - p), abs=0.01)
+    lanes = [flat[i:flat.numel() - 3:4] for i in range(4)]
+    sigma = (p * (1 - p) / lanes[0].numel()) ** 0.5
+    # Each of the four 16-bit lanes of a random word is unbiased, and no two are the same bits.
+    for lane in lanes:
+        assert abs(lane.mean().item() - keep_probability(p)) < 5 * sigma
+    for a, b in zip(lanes, lanes[1:]):
+        assert (a != b).float().mean().item() == pytest.approx(2 * p * (1 - p), abs=0.01)
 
 
-def test_dropout_zeroes_or_rescales_and_passes_gradients_through_the_kept_elements():
+@pytest.mark.parametrize("p", [1e-6, 1 - 1e-6])
+def test_dropout_rates_that_round_to_zero_or_one_use_torchs_dropout(p):
+    x = torch.ones(4096)
+    assert not fast_dropout_applies(x, p)
     torch.manual_seed(0)
-    x = (torch.rand(64, 300) + 0.5).requires_grad_()
+    ours = dropout(x, p, training=True)
+    torch.manual_seed(0)
+    assert torch.equal(ours, F.dropout(x, p, training=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_zeroes_or_rescales_and_passes_gradients_through_the_kept_elements(dtype):
+    torch.manual_seed(0)
+    x = (torch.rand(64, 300) + 0.5).to(dtype).requires_grad_()
     y = dropout(x, 0.25, training=True)
+    assert y.dtype == dtype
     kept = y != 0
+    scale = 1 / keep_probability(0.25)
     assert abs(kept.float().mean().item() - 0.75) < 0.02
-    assert torch.allclose(y[kept], x[kept] / 0.75)
+    # Kept elements are scaled exactly as x * (1 / (1 - p)) would be in x's dtype (not by a rounded mask value).
+    assert torch.equal(y[kept], (x * scale)[kept])
     y.sum().backward()
-    assert torch.allclose(x.grad, kept.float() / 0.75)
+    assert torch.equal(x.grad, (kept.to(dtype) * scale).to(dtype))
     assert dropout(x, 0.25, training=False) is x
     module = Dropout(0.25).eval()
     assert module(x) is x
@@ -120,9 +140,13 @@ def test_cpu_dropout_attention_path_computes_what_sdpa_computes():
     padding[0, -3:] = True
     attn_mask = torch.zeros(6, 9, dtype=torch.bool)
     attn_mask[2, :4] = True
-    explicit = attention(q, k, v, 4, 1e-12, attn_mask, padding)
+    smallest = 2 ** -16  # the smallest rate that takes the explicit path; with this seed nothing is dropped
+    assert fast_dropout_applies(q, smallest)
+    torch.manual_seed(0)
+    explicit = attention(q, k, v, 4, smallest, attn_mask, padding)
     fused = attention(q, k, v, 4, 0.0, attn_mask, padding)
-    assert explicit.shape == (2, 6, 8) and torch.allclose(explicit, fused, atol=1e-5)
+    assert explicit.shape == (2, 6, 8) and torch.allclose(explicit, fused * (1 + 2 ** -16), atol=1e-5)
+    assert not torch.allclose(explicit, fused, rtol=1e-6, atol=0)  # the explicit path ran: its 1 / (1 - p) shows
 
 
 
@@ -313,3 +337,4 @@ def test_bench_backbone_times_our_layout_and_stem_against_the_replaced_ones(tmp_
     for rows in results.values():
         assert len(rows) == 3 and all(row["median_s"] > 0 for row in rows.values())
         assert next(iter(rows.values()))["vs_ours"] == 1.0
+

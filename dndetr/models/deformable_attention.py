@@ -115,7 +115,8 @@ class MSDeformAttn(nn.Module):
         M, L, P = self.n_heads, self.n_levels, self.n_points
         value = self.value_proj(values)
         if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
+            # A multiply by the 0/1 mask: masked_fill (a boolean kernel) is several times slower on the CPU.
+            value = value * (~padding_mask[..., None]).to(value.dtype)
         value = value.view(N, values.shape[1], M, -1)
         offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
         weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)

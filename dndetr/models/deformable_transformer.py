@@ -16,7 +16,7 @@ from ..config import ConfigError
 from .backbone import downsample_mask
 from .deformable_attention import MSDeformAttn
 from .position_encoding import image_position_encoding
-from .transformer import FeedForward, inverse_sigmoid
+from .transformer import Dropout, FeedForward, MultiheadAttention, inverse_sigmoid
 
 Shapes = List[Tuple[int, int]]
 
@@ -99,7 +99,7 @@ class DeformableEncoderLayer(nn.Module):
                  n_levels: int, n_heads: int, n_points: int):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
         self.norm2 = nn.LayerNorm(d_model)
@@ -133,10 +133,10 @@ class DeformableDecoderLayer(nn.Module):
                  n_levels: int, n_points: int):
         super().__init__()
         self.cross_attn = MSDeformAttn(d_model, n_levels, nheads, n_points)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
-        self.dropout2 = nn.Dropout(dropout)
+        self.self_attn = MultiheadAttention(d_model, nheads, dropout)
+        self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.ffn = FeedForward(d_model, dim_feedforward, dropout, activation)
         self.norm3 = nn.LayerNorm(d_model)
@@ -144,8 +144,7 @@ class DeformableDecoderLayer(nn.Module):
     def forward(self, tgt, query_pos, references, memory, shapes, padding_mask, self_attn_mask=None):
         """references [B,Q,L,2|4] (already scaled to each level, see :func:`level_references`)."""
         q = k = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=self_attn_mask,
-                                                             need_weights=False)[0]))
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, k, tgt, attn_mask=self_attn_mask)))
         attended = self.cross_attn(tgt + query_pos, references, memory, shapes, padding_mask)
         tgt = self.norm1(tgt + self.dropout1(attended))
         return self.norm3(tgt + self.ffn(tgt))

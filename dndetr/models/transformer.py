@@ -6,8 +6,9 @@ projects queries and keys explicitly so that content and spatial parts can be co
 therefore has an output projection only.
 
 Speed: attention runs in PyTorch's fused SDPA kernels whenever that computes the same thing (no dropout, or on a
-GPU, where SDPA fuses dropout too). Dropout on the CPU draws its masks from 63-bit random words, two elements per
-word, instead of torch's per-element Bernoulli kernel (3-4x faster on the CPU; same probability up to 2^-31).
+GPU, where SDPA fuses dropout too). Dropout on the CPU draws its masks from random 64-bit words, four elements per
+word, as float 0/1 masks, instead of torch's per-element Bernoulli kernel (several times faster on the CPU; p is
+rounded to a multiple of 2^-16, and the scale is 1 / (1 - that p), so the output stays unbiased).
 """
 from __future__ import annotations
 
@@ -38,24 +39,40 @@ def activation_module(name: str) -> nn.Module:
     return {"relu": nn.ReLU, "prelu": nn.PReLU, "gelu": nn.GELU}[name]()
 
 
-def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A boolean mask shaped like ``x``, each element True with probability 1 - p (independently).
+LANE_STEPS = 2 ** 16  # dropout draws one 16-bit lane per element, four per random 64-bit word
 
-    random_() fills int64 with 63 uniform bits; viewed as int32 pairs, the low 31 bits of each half are two
-    independent uniform 31-bit numbers, compared with p * 2^31. torch's CPU bernoulli_ draws (and converts) a
-    double per element, which made dropout masks the largest single cost of a CPU training step.
+
+def fast_dropout_applies(x: torch.Tensor, p: float) -> bool:
+    """Our CPU dropout path: p must round to a multiple of 2^-16 strictly between 0 and 1."""
+    return x.device.type == "cpu" and 0 < round(p * LANE_STEPS) < LANE_STEPS
+
+
+def keep_probability(p: float) -> float:
+    """The keep probability our CPU dropout uses: 1 - p with p rounded to a multiple of 2^-16 (p = 0.1: 0.8999939)."""
+    return 1.0 - round(p * LANE_STEPS) / LANE_STEPS
+
+
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A 0/1 mask in ``x``'s dtype and shape, each element 1 with probability ``keep_probability(p)``, independently.
+
+    random_ over the whole int64 range fills 64 uniform bits per word; viewed as int16, each lane is a uniform
+    signed 16-bit number, kept when it is >= -2^15 + round(p * 2^16). torch's CPU bernoulli_ draws (and converts) a
+    double per element, and boolean kernels (where, masked_fill, multiplying by a bool tensor) run several times
+    slower on the CPU than a float multiply, so the mask comes out as numbers.
     """
     n = x.numel()
-    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=x.device).random_()
-    lanes = words.view(torch.int32)[:n].view(x.shape)
-    return (lanes & 0x7FFFFFFF) >= round(p * 2 ** 31)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
+    lanes = words.view(torch.int16)[:n].view(x.shape)
+    mask = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # written directly: no bool tensor to convert
+    return torch.ge(lanes, round(p * LANE_STEPS) - LANE_STEPS // 2, out=mask)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """F.dropout with cheaper masks on the CPU (elsewhere torch's fused kernel is already fast)."""
-    if not training or p == 0.0 or x.device.type != "cpu":
+    if not training or p == 0.0 or not fast_dropout_applies(x, p):
         return F.dropout(x, p, training)
-    return torch.where(keep_mask(x, p), x * (1.0 / (1.0 - p)), 0.0)
+    # The scale is a separate multiply so that bf16 inputs are scaled by the exact factor, not by a bf16 mask value.
+    return x * keep_mask(x, p) * (1.0 / keep_probability(p))
 
 
 class Dropout(nn.Dropout):
@@ -74,14 +91,15 @@ def attention(q, k, v, nheads: int, dropout_p: float, attn_mask=None, padding_ma
     if padding_mask is not None:
         padded = padding_mask[:, None, None, :]
         blocked = padded if blocked is None else blocked | padded
-    if dropout_p == 0.0 or q.device.type != "cpu":
+    if dropout_p == 0.0 or not fast_dropout_applies(q, dropout_p):
         # SDPA's boolean mask marks what may be attended: the opposite convention.
         allowed = None if blocked is None else ~blocked
         if q.device.type == "cpu" and q.dtype != torch.float32:
             # torch's CPU flash kernel is several times slower in bf16 than in fp32 at our sizes, backward above
             # all (benchmarks/bench_attention.py); autocast is off because it would cast the fp32 inputs back
             with torch.autocast("cpu", enabled=False):
-                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed)
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed,
+                                                     dropout_p=dropout_p)
             out = out.to(q.dtype)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
@@ -90,8 +108,11 @@ def attention(q, k, v, nheads: int, dropout_p: float, attn_mask=None, padding_ma
         # Both scalings go to the smaller operands: q before the product, 1 / (1 - p) on the output.
         weights = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         if blocked is not None:
-            weights = weights.masked_fill(blocked, float("-inf"))
-        out = (weights.softmax(-1) * keep_mask(weights, dropout_p)) @ v * (1.0 / (1.0 - dropout_p))
+            # Adding the (small, broadcast) 0/-inf mask costs far less than masked_fill over the whole weights.
+            additive = torch.zeros(blocked.shape, dtype=weights.dtype, device=weights.device)
+            weights = weights + additive.masked_fill_(blocked, float("-inf"))
+        probs = weights.softmax(-1)
+        out = (probs * keep_mask(probs, dropout_p)) @ v * (1.0 / keep_probability(dropout_p))
     return out.transpose(1, 2).reshape(B, Nq, -1)
 
 
