@@ -8,7 +8,6 @@ All variants alternate repeat by repeat; the result is the median time per varia
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import median, round_robin, save_results  # noqa: E402
+from benchmarks.common import check_run_args, median, microbench_parser, round_robin, save_results  # noqa: E402
 from dndetr.models.transformer import attention  # noqa: E402
 
 # (name, batch, queries, keys, heads, head width): the default job's encoder (9x9 map at 144 px) and decoder
@@ -53,15 +52,9 @@ def variants(batch, queries, keys, heads, width):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default=None)
+    parser = microbench_parser(__doc__)
     args = parser.parse_args()
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
-    torch.set_num_threads(args.threads)
+    check_run_args(parser, args)
     results = {}
     for name, *shape in SHAPES:
         times = round_robin(variants(*shape), args.warmup, args.repeats)

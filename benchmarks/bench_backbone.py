@@ -9,7 +9,6 @@ each variant's median ratio to ours over the paired repeats.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -19,8 +18,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (PRECISIONS, autocast, compose_config, median, parse_names,  # noqa: E402
-                               round_robin, save_results)
+from benchmarks.common import (PRECISIONS, autocast, check_run_args, compose_config, median,  # noqa: E402
+                               microbench_parser, parse_names, round_robin, save_results)
 from dndetr.models.backbone import Backbone  # noqa: E402
 
 TORCHVISION_STEM = ("conv1", "bn1", "relu", "maxpool")
@@ -60,22 +59,18 @@ def variants(batch: int, size: int, precision: str) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = microbench_parser(__doc__)
     parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=144, help="the default job's largest training scale")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     try:
         precisions = parse_names(args.precision, tuple(PRECISIONS), "--precision")
     except ValueError as err:
         parser.error(str(err))
-    if args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.size < 32:
-        parser.error("--repeats and --batch must be >= 1, --warmup >= 0, --size >= 32")
-    torch.set_num_threads(args.threads)
+    if args.batch < 1 or args.size < 32:
+        parser.error("--batch must be >= 1 and --size >= 32")
+    check_run_args(parser, args)
     results = {}
     for precision in precisions:
         times = round_robin(variants(args.batch, args.size, precision), args.warmup, args.repeats)

@@ -7,6 +7,7 @@ aux loss on and 91 classes: 6+6 layers, d=256, FFN 2048, 8 heads, each model's q
 """
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import statistics
@@ -286,11 +287,21 @@ def environment(threads: int, device: str) -> Dict[str, object]:
     return info
 
 
+def microbench_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every CPU microbenchmark (attention, dropout, backbone) has; check them with check_run_args."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    return parser
+
+
 def check_run_args(parser, args) -> None:
-    """The options both benchmarks share; a bad one ends the script with argparse's one-line error."""
+    """The options the benchmarks share; a bad one ends the script with argparse's one-line error."""
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if getattr(args, "device", "cpu") == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     torch.set_num_threads(args.threads)
 

@@ -302,37 +302,40 @@ def test_bench_default_job_times_a_commit_and_this_checkout(tmp_path):
     assert "bench_default_job_" not in worktrees.stdout  # the temporary checkout is removed
 
 
-def test_bench_attention_times_every_shape_and_variant(tmp_path):
+def run_benchmark(tmp_path, script: str, *args: str, timeout: int = 300) -> dict:
+    """Run ``benchmarks/<script>`` as a user would, with ``--json``; its JSON output."""
     import json
     import subprocess
     import sys
 
     from helpers import REPO_ROOT
 
-    out = tmp_path / "attention.json"
-    result = subprocess.run([sys.executable, "benchmarks/bench_attention.py", "--repeats", "1", "--warmup", "0",
-                             "--threads", "1", "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
-                            timeout=300)
+    out = tmp_path / "result.json"
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", *args, "--json", str(out)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads(out.read_text())["attention"]
+    return json.loads(out.read_text())
+
+
+def test_bench_attention_times_every_shape_and_variant(tmp_path):
+    rows = run_benchmark(tmp_path, "bench_attention.py", "--repeats", "1", "--warmup", "0", "--threads", "1")
+    rows = rows["attention"]
     assert len(rows) == 5
     for times in rows.values():
         assert set(times) == {"SDPA fp32", "SDPA bf16", "ours, bf16 autocast"} and all(t > 0 for t in times.values())
 
 
+def test_bench_dropout_times_ours_against_torch_and_the_boolean_mask(tmp_path):
+    rows = run_benchmark(tmp_path, "bench_dropout.py", "--repeats", "1", "--warmup", "0", "--threads", "1")["dropout"]
+    assert len(rows) == 8 and sum(name.endswith("bfloat16") for name in rows) == 4
+    for times in rows.values():
+        assert set(times) == {"torch F.dropout", "ours", "ours, mask through torch.where"}
+        assert all(t > 0 for t in times.values())
+
+
 def test_bench_backbone_times_our_layout_and_stem_against_the_replaced_ones(tmp_path):
-    import json
-    import subprocess
-    import sys
-
-    from helpers import REPO_ROOT
-
-    out = tmp_path / "backbone.json"
-    result = subprocess.run([sys.executable, "benchmarks/bench_backbone.py", "--repeats", "2", "--warmup", "0",
-                             "--batch", "2", "--size", "64", "--threads", "1", "--json", str(out)], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    results = json.loads(out.read_text())["backbone"]
+    results = run_benchmark(tmp_path, "bench_backbone.py", "--repeats", "2", "--warmup", "0", "--batch", "2",
+                            "--size", "64", "--threads", "1")["backbone"]
     assert list(results) == ["fp32", "bf16"]
     for rows in results.values():
         assert len(rows) == 3 and all(row["median_s"] > 0 for row in rows.values())
