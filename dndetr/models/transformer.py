@@ -69,7 +69,7 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """F.dropout with cheaper masks on the CPU (elsewhere torch's fused kernel is already fast)."""
-    if not training or p == 0.0 or not fast_dropout_applies(x, p):
+    if not training or not fast_dropout_applies(x, p):
         return F.dropout(x, p, training)
     # The scale is a separate multiply so that bf16 inputs are scaled by the exact factor, not by a bf16 mask value.
     return x * keep_mask(x, p) * (1.0 / keep_probability(p))
@@ -91,7 +91,7 @@ def attention(q, k, v, nheads: int, dropout_p: float, attn_mask=None, padding_ma
     if padding_mask is not None:
         padded = padding_mask[:, None, None, :]
         blocked = padded if blocked is None else blocked | padded
-    if dropout_p == 0.0 or not fast_dropout_applies(q, dropout_p):
+    if not fast_dropout_applies(q, dropout_p):  # no dropout, another device, or p that rounds to 0 or 1
         # SDPA's boolean mask marks what may be attended: the opposite convention.
         allowed = None if blocked is None else ~blocked
         if q.device.type == "cpu" and q.dtype != torch.float32:
