@@ -22,6 +22,7 @@ from dndetr.config import register_configs, validate  # noqa: E402
 from dndetr.criterion import build_criterion  # noqa: E402
 from dndetr.data import build_dataset  # noqa: E402
 from dndetr.models import build_model  # noqa: E402
+from dndetr.optim import AdamW  # noqa: E402
 from dndetr.sampling import eval_loader  # noqa: E402
 
 NUM_CLASSES = 4
@@ -48,7 +49,7 @@ def main() -> None:
     model = build_model(cfg, NUM_CLASSES)
     criterion = build_criterion(cfg, NUM_CLASSES)
     copies = {precision: copy.deepcopy(model).train() for precision in ("fp32", "bf16")}
-    optimizers = {precision: torch.optim.AdamW(m.parameters(), lr=cfg.optim.lr, fused=True)
+    optimizers = {precision: AdamW(m.parameters(), lr=cfg.optim.lr)
                   for precision, m in copies.items()}
     # the first training batch of the study's data, unaugmented
     images, masks, targets = next(iter(eval_loader(build_dataset(cfg.data, "train", train_augment=False),

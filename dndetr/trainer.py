@@ -29,6 +29,7 @@ from .evaluation import evaluate, improves, per_class_line
 from .files import MetricsLog, atomic_torch_save, first_line
 from .loggers import build_logger
 from .models import build_model
+from .optim import AdamW
 from .rng import rng_state, seed_everything, set_rng_state
 from .sampling import SeededSamples, epoch_batches, eval_loader, make_loader, targets_to
 
@@ -103,8 +104,8 @@ class Trainer:
             load_into(self.model, cfg.model.init_from)
         self.criterion = build_criterion(cfg, self.num_classes).to(self.device)
         self.matcher = self.criterion.matcher
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(cfg.optim.lr, cfg.optim.lr_backbone),
-                                           lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True)
+        self.optimizer = AdamW(self.model.param_groups(cfg.optim.lr, cfg.optim.lr_backbone), lr=cfg.optim.lr,
+                               weight_decay=cfg.optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.optim.lr_drop, cfg.optim.lr_gamma)
         self.autocast_dtype = autocast_dtype(self.precision)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
