@@ -76,3 +76,4 @@ def test_adamw_loads_the_state_of_torchs_class():
     ours.load_state_dict(reference.state_dict())
     assert str(ours.state_dict()) == str(reference.state_dict())
     assert ours.param_groups[0]["fused"] is True
+

@@ -341,3 +341,10 @@ def test_bench_backbone_times_our_layout_and_stem_against_the_replaced_ones(tmp_
         assert len(rows) == 3 and all(row["median_s"] > 0 for row in rows.values())
         assert next(iter(rows.values()))["vs_ours"] == 1.0
 
+
+def test_bench_optimizer_times_both_optimizers_on_equal_copies(tmp_path):
+    rows = run_benchmark(tmp_path, "bench_optimizer.py", "--models", "detr", "--precision", "fp32", "--repeats", "1",
+                         "--warmup", "1", "--size", "64", "--threads", "1")["optimizer"]
+    assert list(rows) == ["detr fp32"]
+    row = rows["detr fp32"]
+    assert row["torch_s"] > 0 and row["ours_s"] > 0 and row["ours_over_torch"] == row["ours_s"] / row["torch_s"]
