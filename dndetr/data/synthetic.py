@@ -23,7 +23,9 @@ from PIL import Image, ImageDraw
 
 from dndetr.config import SyntheticConfig, check
 
-GENERATOR_VERSION = 1  # bump when the drawing changes, so cached datasets of older code are not reused
+# Bump when the files change, so cached datasets of older code are not reused. 2: PNGs written uncompressed (the
+# same pixels; decoding one takes 0.07 ms instead of 0.35 ms: 0.1 s of the default job's 4.9 s training epoch).
+GENERATOR_VERSION = 2
 SHAPES = ("rectangle", "ellipse", "triangle", "diamond")
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 80, 230), "yellow": (235, 215, 30),
@@ -90,7 +92,7 @@ def write_dataset(out: Path, cfg: SyntheticConfig) -> None:
         for image_id in range(1, count + 1):
             pixels, objects = draw_image(rng, cfg)
             file_name = f"{image_id:012d}.png"
-            Image.fromarray(pixels).save(out / split / file_name, compress_level=1)  # noise compresses badly anyway
+            Image.fromarray(pixels).save(out / split / file_name, compress_level=0)  # see GENERATOR_VERSION
             images.append({"id": image_id, "file_name": file_name, "width": cfg.image_size, "height": cfg.image_size})
             for category_id, box, area in objects:
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_id,
