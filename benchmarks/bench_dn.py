@@ -8,6 +8,8 @@ Two measures, in one run:
   This is their forward time only; the backward of the few index/embedding ops they add is inside loss.backward().
 - total step time at each number of DN groups against the same model without DN. The difference minus the
   bookkeeping is what the extra decoder queries (groups x the batch's largest object count) cost.
+- the step's FLOPs at each group count against the same model without DN (torch's FLOP counter, one step before
+  the timing): the share of the overhead that is extra computation, the floor of any implementation of DN.
 
 All configurations share one batch (COCO-like: 7 objects per image on average) and are timed round-robin, one
 step each per repeat, so that outside load hits them equally.
@@ -24,21 +26,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (PRECISIONS, Stopwatch, build_ours, check_run_args, make_batch,  # noqa: E402
-                               make_optimizer, median, our_step, patched, registered_models, save_results, timed,
-                               watching_our_matcher)
+from benchmarks.common import (PRECISIONS, Stopwatch, build_ours, check_run_args, count_flops,  # noqa: E402
+                               make_batch, make_optimizer, median, our_step, patched, registered_models,
+                               save_results, timed, watching_our_matcher)
 from dndetr.plugins import base as plugin_base  # noqa: E402
 from dndetr.plugins.dn import Denoising  # noqa: E402
 
 
 def run(args) -> dict:
     images, masks, targets = make_batch(args.batch, args.size, args.objects, args.device)
-    configs = {}
+    configs, flops = {}, {}
     for groups in [0] + args.groups:
         torch.manual_seed(0)  # the same initial weights for every configuration
         model, criterion = build_ours(args.model, args.device, dn_groups=groups)
         model.train()
         configs[groups] = (model, criterion, make_optimizer(model))
+        flops[groups] = count_flops(lambda: our_step(*configs[groups], images, masks, targets, args.precision))
 
     dn_watch, match_watch = Stopwatch(args.device), Stopwatch(args.device)
     step = {g: [] for g in configs}
@@ -69,6 +72,8 @@ def run(args) -> dict:
             "step_min_s": min(step[groups]),
             # All configurations ran back to back in each repeat: the median of paired ratios resists load drift.
             "step_vs_no_dn": median([s / b for s, b in zip(step[groups], step[0])]),
+            "flops": flops[groups],
+            "flops_vs_no_dn": flops[groups] / flops[0],
             "dn_bookkeeping_s": dn_s,
             "dn_bookkeeping_share": median([d / s for d, s in zip(bookkeeping[groups], step[groups])]),
             "extra_queries_s": step_s - base - dn_s,
@@ -80,11 +85,11 @@ def run(args) -> dict:
 
 
 def print_table(result) -> None:
-    print(f"{'groups':>6}{'DN queries':>12}{'step':>10}{'(min)':>9}{'vs no DN':>10}{'DN bookkeeping':>16}{'share':>8}"
-          f"{'extra queries':>15}{'matching':>10}")
+    print(f"{'groups':>6}{'DN queries':>12}{'step':>10}{'(min)':>9}{'vs no DN':>10}{'FLOPs vs no DN':>16}"
+          f"{'DN bookkeeping':>16}{'share':>8}{'extra queries':>15}{'matching':>10}")
     for r in result["rows"]:
         print(f"{r['groups']:>6}{r['dn_queries']:>12}{r['step_s']:>9.3f}s{r['step_min_s']:>8.3f}s"
-              f"{r['step_vs_no_dn']:>9.3f}x"
+              f"{r['step_vs_no_dn']:>9.3f}x{r['flops_vs_no_dn']:>15.3f}x"
               f"{1000 * r['dn_bookkeeping_s']:>13.1f}ms{100 * r['dn_bookkeeping_share']:>7.2f}%"
               f"{r['extra_queries_s']:>14.3f}s{1000 * r['matching_s']:>8.1f}ms")
 

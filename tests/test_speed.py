@@ -211,6 +211,45 @@ def test_stem_pools_before_its_relu_with_torchvisions_values_and_gradients(preci
         assert torch.equal(ours_value, reference_value)
 
 
+def test_frozen_batch_norm_keeps_bf16_and_is_torchvisions_in_fp32():
+    """Our frozen norm: torchvision's buffers and fp32 values (bitwise, gradients too), but a bf16 autocast input
+    stays bf16 (torchvision's fp32 statistics promote it to fp32), within bf16 rounding of the fp32 result."""
+    from torchvision.ops import FrozenBatchNorm2d as TorchvisionFrozen
+
+    from dndetr.models.backbone import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    ours, reference = FrozenBatchNorm2d(16), TorchvisionFrozen(16)
+    for name, buffer in ours.named_buffers():
+        buffer.copy_(torch.rand_like(buffer) + 0.5 if name.endswith(("weight", "var")) else torch.randn_like(buffer))
+    reference.load_state_dict(ours.state_dict())
+    assert list(ours.state_dict()) == list(reference.state_dict())
+    x = torch.randn(2, 16, 6, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    outputs, grads = [], []
+    for module in (ours, reference):
+        out = module(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append(out.detach())
+        grads.append(x.grad.clone())
+        x.grad = None
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(grads[0], grads[1])
+    assert outputs[0].is_contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = torch.nn.Conv2d(16, 16, 1)(x)
+        assert half.dtype == torch.bfloat16 and reference(half).dtype == torch.float32
+        ours_half = ours(half)
+    assert ours_half.dtype == torch.bfloat16
+    torch.testing.assert_close(ours_half.float(), reference(half.float()), rtol=2e-2, atol=2e-2)
+
+
+def test_backbone_uses_the_dtype_keeping_frozen_norm():
+    from dndetr.models.backbone import FrozenBatchNorm2d
+
+    backbone = Backbone(BackboneConfig(name="resnet18", frozen_bn=True, output_layer="layer2"))
+    norms = [m for m in backbone.modules() if "BatchNorm" in type(m).__name__]
+    assert norms and all(type(m) is FrozenBatchNorm2d for m in norms)
+
+
 def test_benchmark_flop_count_includes_fused_cpu_attention():
     """The roofline columns of benchmarks/bench_step.py count SDPA's fused CPU kernels, forward and backward."""
     from benchmarks.common import count_flops
@@ -270,6 +309,8 @@ def test_bench_dn_runs_and_times_the_plugin_step(tmp_path):
     assert [r["groups"] for r in rows] == [0, 2]
     assert rows[0]["dn_bookkeeping_s"] == 0 and rows[1]["dn_bookkeeping_s"] > 0  # the DN functions were timed
     assert rows[1]["dn_queries"] == 2 * 9 and all(r["step_s"] > 0 for r in rows)
+    # the 18 DN queries add decoder work: counted FLOPs grow, and the no-DN row is the reference
+    assert rows[0]["flops_vs_no_dn"] == 1 and rows[1]["flops"] > rows[0]["flops"] > 0
 
 
 @pytest.mark.slow  # six tiny train.py processes: about a minute
