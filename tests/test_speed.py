@@ -240,6 +240,7 @@ def test_frozen_batch_norm_keeps_bf16_and_is_torchvisions_in_fp32():
         ours_half = ours(half)
     assert ours_half.dtype == torch.bfloat16
     torch.testing.assert_close(ours_half.float(), reference(half.float()), rtol=2e-2, atol=2e-2)
+    assert ours(x.detach().half()).dtype == torch.float32  # fp16 keeps torchvision's fp32 result (range)
 
 
 def test_backbone_uses_the_dtype_keeping_frozen_norm():
@@ -324,6 +325,11 @@ def test_bench_default_job_times_a_commit_and_this_checkout(tmp_path):
 
     if subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True).returncode:
         pytest.skip("not a git checkout: --before needs the repository's history")
+    def worktrees():
+        listing = subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "list"], capture_output=True, text=True)
+        return listing.stdout.splitlines()
+
+    worktrees_before = worktrees()  # a killed earlier run may have left one behind: only this run's count
     out = tmp_path / "job.json"
     result = subprocess.run([sys.executable, "benchmarks/bench_default_job.py", "--before", "HEAD", "--precision",
                              "fp32,bf16", "--rounds", "2", "--epochs", "1", "--json", str(out),
@@ -339,8 +345,7 @@ def test_bench_default_job_times_a_commit_and_this_checkout(tmp_path):
         assert len(row["data_time"]) == 2 and all(0 < d < t for d, t in zip(row["data_time"], row["train_time"]))
         assert row["step_mean"] == pytest.approx(row["mean"] - sum(row["data_time"]) / 2)
     assert variants["before HEAD"]["speedup_vs_first"] == 1.0
-    worktrees = subprocess.run(["git", "-C", str(REPO_ROOT), "worktree", "list"], capture_output=True, text=True)
-    assert "bench_default_job_" not in worktrees.stdout  # the temporary checkout is removed
+    assert worktrees() == worktrees_before  # the temporary checkout is removed
 
 
 def run_benchmark(tmp_path, script: str, *args: str, timeout: int = 300) -> dict:

@@ -40,12 +40,14 @@ class FrozenBatchNorm2d(torchvision_ops.FrozenBatchNorm2d):
     """torchvision's frozen batch norm (same buffers and keys; fp32 results bitwise the same) computed in the
     input's precision. torchvision's multiplies by its fp32 statistics, which promotes a bf16 autocast input to fp32:
     every frozen norm, ReLU and residual add of the backbone then reads and writes twice the bytes, and the next
-    convolution casts back to bf16 anyway (bf16 training steps 5 % faster: docs/benchmarks.md)."""
+    convolution casts back to bf16 anyway (bf16 training steps 5 % faster: docs/benchmarks.md). fp16 inputs still
+    compute in fp32: fp16's range could overflow ``x * scale`` where the normalised value does not."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         bias = self.bias - self.running_mean * scale
-        return x * scale.to(x.dtype)[:, None, None] + bias.to(x.dtype)[:, None, None]
+        dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else scale.dtype
+        return x * scale.to(dtype)[:, None, None] + bias.to(dtype)[:, None, None]
 
 
 class Backbone(nn.Module):
