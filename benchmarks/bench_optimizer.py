@@ -10,7 +10,6 @@ model and precision is the median of the paired ratios ours / torch's.
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
 from pathlib import Path
 
@@ -18,11 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (PRECISIONS, build_ours, check_run_args, make_batch, median, microbench_parser,  # noqa: E402
-                               our_step, parse_names, registered_models, round_robin, save_results)
-from dndetr.optim import AdamW  # noqa: E402
-
-SETTINGS = dict(lr=1e-4, weight_decay=1e-4)  # as benchmarks/common.py: make_optimizer
+from benchmarks.common import (PRECISIONS, build_ours, check_run_args, make_batch, make_optimizer,  # noqa: E402
+                               median, microbench_parser, our_step, parse_names, registered_models, round_robin,
+                               save_results)
 
 
 def compare(name: str, precision: str, args) -> dict:
@@ -30,9 +27,9 @@ def compare(name: str, precision: str, args) -> dict:
     model, criterion = build_ours(name, "cpu")
     images, masks, targets = make_batch(args.batch, args.size, args.objects, "cpu")
     copies = {"torch": copy.deepcopy(model), "ours": copy.deepcopy(model)}
-    trainable = {key: [p for p in m.parameters() if p.requires_grad] for key, m in copies.items()}
-    optimizers = {"torch": torch.optim.AdamW(trainable["torch"], fused=True, **SETTINGS),
-                  "ours": AdamW(trainable["ours"], **SETTINGS)}
+    optimizers = {"torch": make_optimizer(copies["torch"], torch.optim.AdamW, fused=True),
+                  "ours": make_optimizer(copies["ours"])}
+    trainable = {key: optimizer.param_groups[0]["params"] for key, optimizer in optimizers.items()}
 
     def step(key):
         def run():
@@ -42,7 +39,7 @@ def compare(name: str, precision: str, args) -> dict:
     times = round_robin({key: step(key) for key in copies}, args.warmup, args.repeats)
     if not all(torch.equal(a, b) for a, b in zip(trainable["torch"], trainable["ours"])):
         raise SystemExit(f"error: {name} {precision}: the two optimizers' weights differ")
-    ratio = statistics.median(b / a for a, b in zip(times["torch"], times["ours"]))
+    ratio = median([b / a for a, b in zip(times["torch"], times["ours"])])
     return {"torch_s": median(times["torch"]), "ours_s": median(times["ours"]), "ours_over_torch": ratio}
 
 

@@ -120,10 +120,10 @@ def peer_labels(targets: List[dict]) -> List[dict]:
     return [{"class_labels": t["labels"], "boxes": t["boxes"]} for t in targets]
 
 
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, optimizer_class=AdamW, **options) -> torch.optim.Optimizer:
     """The engine's optimizer, for both sides: fused AdamW (one kernel for all parameters, channels_last weights
-    updated in place, dndetr/optim.py)."""
-    return AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
+    updated in place, dndetr/optim.py) over the trainable parameters; ``optimizer_class`` swaps it for a peer's."""
+    return optimizer_class([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4, **options)
 
 
 def autocast(precision: str, device: str):
