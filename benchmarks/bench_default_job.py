@@ -3,8 +3,10 @@ this checkout, in each precision, as real `train.py` processes.
 
 Each round runs every variant once (``trainer.epochs`` short runs, in their own temporary run folders), so that
 outside load hits all of them; the result per variant is the mean ``train_time`` of ``metrics.jsonl`` (the
-training iterations of an epoch, data loading included, evaluation excluded) over all epochs of all rounds, and,
-where the commit records it, the mean ``data_time`` (waiting for the loader) and the step time left without it.
+training iterations of an epoch, data loading included, evaluation excluded) over all epochs of all rounds, the
+mean wait for the training loader's batches (``data_time``, measured the same way for every commit by
+``loader_wait.py``; ``recorded_data_time`` is the job's own figure where the commit records one) and the step time
+left without it (``step_mean``), the figure the speed target is about.
 ``--before`` checks the given commit out into a temporary git worktree and runs it with its own default precision
 (fp32 for commits older than issue 12's ``trainer.precision``).
 
@@ -29,14 +31,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def epoch_times(checkout: Path, run_dir: Path, overrides: list) -> list:
-    command = [sys.executable, str(checkout / "train.py"), f"hydra.run.dir={run_dir}", "trainer.progress=false",
-               *overrides]
+    """(train_time, data_time, recorded data_time or None) for each epoch of one run of the checkout's train.py."""
+    waits_path = run_dir.with_suffix(".waits.json")
+    command = [sys.executable, str(REPO / "benchmarks" / "loader_wait.py"), str(waits_path),
+               str(checkout / "train.py"), f"hydra.run.dir={run_dir}", "trainer.progress=false", *overrides]
     env = dict(os.environ, PYTHONPATH=str(checkout))  # the checkout's own dndetr, not the installed one
     result = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"error: {' '.join(command)} failed: {(result.stderr or result.stdout).strip()[-500:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(row["train_time"], row.get("data_time")) for row in rows]
+    waits = json.loads(waits_path.read_text())
+    if len(waits) != len(rows):
+        raise SystemExit(f"error: {checkout}: {len(waits)} passes over the training loader for {len(rows)} epochs")
+    return [(row["train_time"], wait, row.get("data_time")) for row, wait in zip(rows, waits)]
 
 
 def main() -> None:
@@ -75,20 +82,22 @@ def main() -> None:
             if args.before:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "before")],
                                capture_output=True)
-    first = statistics.mean(train for train, _ in next(iter(times.values())))
+    first_epochs = next(iter(times.values()))
+    first = statistics.mean(train for train, _, _ in first_epochs)
+    first_step = first - statistics.mean(data for _, data, _ in first_epochs)
     print(f"default job, {args.rounds} rounds x {args.epochs} epochs; seconds per epoch (mean, range): training, the "
-          f"first variant's training time over each, waiting for data, and training without it:")
+          f"first variant's training time over each, waiting for data, training without it (the steps) and the "
+          f"first variant's steps over each:")
     results = {}
     for name, epochs in times.items():
-        train = [t for t, _ in epochs]
-        data = [d for _, d in epochs] if all(d is not None for _, d in epochs) else None
-        mean = statistics.mean(train)
+        train, data = [t for t, _, _ in epochs], [d for _, d, _ in epochs]
+        recorded = [r for _, _, r in epochs] if all(r is not None for _, _, r in epochs) else None
+        mean, step_mean = statistics.mean(train), statistics.mean(train) - statistics.mean(data)
         results[name] = {"train_time": train, "mean": mean, "speedup_vs_first": first / mean, "data_time": data,
-                         "step_mean": mean - statistics.mean(data) if data else None}
-        line = f"  {name:28s} {mean:6.2f} s  ({min(train):.2f}-{max(train):.2f})   {first / mean:.2f}x"
-        if data:
-            line += f"   data {statistics.mean(data):.2f} s   steps {results[name]['step_mean']:.2f} s"
-        print(line)
+                         "recorded_data_time": recorded, "step_mean": step_mean,
+                         "step_speedup_vs_first": first_step / step_mean}
+        print(f"  {name:28s} {mean:6.2f} s  ({min(train):.2f}-{max(train):.2f})   {first / mean:.2f}x   "
+              f"data {statistics.mean(data):.2f} s   steps {step_mean:.2f} s   {first_step / step_mean:.2f}x")
     if args.json:
         write_json(args.json, {"environment": environment(0, "cpu"), "args": vars(args), "command": " ".join(sys.argv),
                                "variants": results})
