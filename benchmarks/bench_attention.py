@@ -1,6 +1,6 @@
-"""Forward + backward of the fused attention path (no dropout) at the sizes the models use, on the CPU: torch's
-SDPA in fp32, SDPA in bf16, and ours (``dndetr.models.transformer.attention``) under bf16 autocast, which runs the
-fused kernel in fp32 because of what this measures.
+"""Forward + backward of attention without dropout at the sizes the models use, on the CPU: torch's SDPA in fp32
+and in bf16, SDPA in fp32 on bf16 inputs under bf16 autocast (what ours ran until 2026-12-06), and ours
+(``dndetr.models.transformer.attention``) under bf16 autocast, which now takes the explicit bf16 products.
 
 All variants alternate repeat by repeat; the result is the median time per variant.
 
@@ -19,12 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import check_run_args, median, microbench_parser, round_robin, save_results  # noqa: E402
 from dndetr.models.transformer import attention  # noqa: E402
 
-# (name, batch, queries, keys, heads, head width): the default job's encoder (9x9 map at 144 px) and decoder
-# (20 queries), the study scale's encoder (8x8), and the bench config's DAB-DETR decoder without and with 10 DN
-# groups of 9 objects.
+# (name, batch, queries, keys, heads, head width): the default job's encoder (9x9 map at 144 px), decoder
+# self-attention (20 queries) and cross-attention, the study scale's encoder (8x8), and the bench config's DAB-DETR
+# decoder self-attention without and with 10 DN groups of 9 objects and its cross-attention (12x12 map at 384 px).
 SHAPES = [("default job encoder", 8, 81, 81, 8, 16), ("default job decoder", 8, 20, 20, 8, 16),
-          ("study encoder", 8, 64, 64, 8, 16), ("bench decoder, 300 queries", 2, 300, 300, 8, 32),
-          ("bench decoder, 390 queries", 2, 390, 390, 8, 32)]
+          ("default job cross-attention", 8, 20, 81, 8, 16), ("study encoder", 8, 64, 64, 8, 16),
+          ("bench decoder, 300 queries", 2, 300, 300, 8, 32), ("bench decoder, 390 queries", 2, 390, 390, 8, 32),
+          ("bench cross-attention, 300 queries", 2, 300, 144, 8, 32)]
 
 
 def inputs(batch, queries, keys, heads, width, dtype):
@@ -47,8 +48,19 @@ def variants(batch, queries, keys, heads, width):
                 out = attention(q, k, v, heads, 0.0)
             out.float().sum().backward()
         return step
+    def sdpa_fp32_under_autocast():
+        q, k, v = (t.view(batch, t.shape[1], heads, width).transpose(1, 2) for t in inputs(batch, queries, keys,
+                                                                                           heads, width,
+                                                                                           torch.bfloat16))
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.autocast("cpu", enabled=False):
+                    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+            out.float().sum().backward()
+        return step
     return {"SDPA fp32": sdpa(torch.float32), "SDPA bf16": sdpa(torch.bfloat16),
-            "ours, bf16 autocast": ours_bf16_autocast()}
+            "SDPA fp32 on bf16 inputs": sdpa_fp32_under_autocast(), "ours, bf16 autocast": ours_bf16_autocast()}
 
 
 def main() -> None:

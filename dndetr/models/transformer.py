@@ -91,20 +91,17 @@ def attention(q, k, v, nheads: int, dropout_p: float, attn_mask=None, padding_ma
     if padding_mask is not None:
         padded = padding_mask[:, None, None, :]
         blocked = padded if blocked is None else blocked | padded
-    if not fast_dropout_applies(q, dropout_p):  # no dropout, another device, or p that rounds to 0 or 1
+    # On the CPU the explicit product path below runs attention with dropout (SDPA's CPU kernels cannot drop
+    # weights) and, without dropout, attention under bf16 autocast: torch's fused CPU kernel is several times slower
+    # in bf16 than in fp32, and even in fp32 it is slower than two bf16 products at our sizes
+    # (benchmarks/bench_attention.py); the products then round like any other matmul under autocast.
+    explicit = fast_dropout_applies(q, dropout_p) or (q.device.type == "cpu" and q.dtype != torch.float32
+                                                      and dropout_p == 0)
+    if not explicit:
         # SDPA's boolean mask marks what may be attended: the opposite convention.
         allowed = None if blocked is None else ~blocked
-        if q.device.type == "cpu" and q.dtype != torch.float32:
-            # torch's CPU flash kernel is several times slower in bf16 than in fp32 at our sizes, backward above
-            # all (benchmarks/bench_attention.py); autocast is off because it would cast the fp32 inputs back
-            with torch.autocast("cpu", enabled=False):
-                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed,
-                                                     dropout_p=dropout_p)
-            out = out.to(q.dtype)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
     else:
-        # SDPA's CPU kernels cannot drop attention weights (it would fall back to this same math with slow masks).
         # Both scalings go to the smaller operands: q before the product, 1 / (1 - p) on the output.
         weights = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         if blocked is not None:
@@ -112,7 +109,10 @@ def attention(q, k, v, nheads: int, dropout_p: float, attn_mask=None, padding_ma
             additive = torch.zeros(blocked.shape, dtype=weights.dtype, device=weights.device)
             weights = weights + additive.masked_fill_(blocked, float("-inf"))
         probs = weights.softmax(-1)
-        out = (probs * keep_mask(probs, dropout_p)) @ v * (1.0 / keep_probability(dropout_p))
+        if dropout_p == 0:
+            out = probs @ v
+        else:
+            out = (probs * keep_mask(probs, dropout_p)) @ v * (1.0 / keep_probability(dropout_p))
     return out.transpose(1, 2).reshape(B, Nq, -1)
 
 
