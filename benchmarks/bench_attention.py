@@ -48,6 +48,7 @@ def variants(batch, queries, keys, heads, width):
                 out = attention(q, k, v, heads, 0.0)
             out.float().sum().backward()
         return step
+
     def sdpa_fp32_under_autocast():
         q, k, v = (t.view(batch, t.shape[1], heads, width).transpose(1, 2) for t in inputs(batch, queries, keys,
                                                                                            heads, width,

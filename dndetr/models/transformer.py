@@ -93,7 +93,7 @@ def attention(q, k, v, nheads: int, dropout_p: float, attn_mask=None, padding_ma
         blocked = padded if blocked is None else blocked | padded
     # On the CPU the explicit product path below runs attention with dropout (SDPA's CPU kernels cannot drop
     # weights) and, without dropout, attention under bf16 autocast: torch's fused CPU kernel is several times slower
-    # in bf16 than in fp32, and even in fp32 it is slower than two bf16 products at our sizes
+    # in bf16 than in fp32, and even in fp32 slower than two bf16 products at all but the smallest of our sizes
     # (benchmarks/bench_attention.py); the products then round like any other matmul under autocast.
     explicit = fast_dropout_applies(q, dropout_p) or (q.device.type == "cpu" and q.dtype != torch.float32
                                                       and dropout_p == 0)
