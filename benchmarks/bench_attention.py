@@ -35,10 +35,23 @@ def inputs(batch, queries, keys, heads, width, dtype):
 
 
 def variants(batch, queries, keys, heads, width):
+    def heads_first(dtype):
+        return [t.view(batch, t.shape[1], heads, width).transpose(1, 2)
+                for t in inputs(batch, queries, keys, heads, width, dtype)]
+
     def sdpa(dtype):
-        q, k, v = (t.view(batch, t.shape[1], heads, width).transpose(1, 2) for t in inputs(batch, queries, keys,
-                                                                                           heads, width, dtype))
+        q, k, v = heads_first(dtype)
         return lambda: F.scaled_dot_product_attention(q, k, v).float().sum().backward()
+
+    def sdpa_fp32_under_autocast():
+        q, k, v = heads_first(torch.bfloat16)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.autocast("cpu", enabled=False):
+                    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+            out.float().sum().backward()
+        return step
 
     def ours_bf16_autocast():
         q, k, v = inputs(batch, queries, keys, heads, width, torch.bfloat16)
@@ -46,18 +59,6 @@ def variants(batch, queries, keys, heads, width):
         def step():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 out = attention(q, k, v, heads, 0.0)
-            out.float().sum().backward()
-        return step
-
-    def sdpa_fp32_under_autocast():
-        q, k, v = (t.view(batch, t.shape[1], heads, width).transpose(1, 2) for t in inputs(batch, queries, keys,
-                                                                                           heads, width,
-                                                                                           torch.bfloat16))
-
-        def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                with torch.autocast("cpu", enabled=False):
-                    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
             out.float().sum().backward()
         return step
     return {"SDPA fp32": sdpa(torch.float32), "SDPA bf16": sdpa(torch.bfloat16),
