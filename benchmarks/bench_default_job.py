@@ -82,22 +82,23 @@ def main() -> None:
             if args.before:
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tmp / "before")],
                                capture_output=True)
-    first_epochs = next(iter(times.values()))
-    first = statistics.mean(train for train, _, _ in first_epochs)
-    first_step = first - statistics.mean(data for _, data, _ in first_epochs)
-    print(f"default job, {args.rounds} rounds x {args.epochs} epochs; seconds per epoch (mean, range): training, the "
-          f"first variant's training time over each, waiting for data, training without it (the steps) and the "
-          f"first variant's steps over each:")
     results = {}
     for name, epochs in times.items():
         train, data = [t for t, _, _ in epochs], [d for _, d, _ in epochs]
         recorded = [r for _, _, r in epochs] if all(r is not None for _, _, r in epochs) else None
-        mean, step_mean = statistics.mean(train), statistics.mean(train) - statistics.mean(data)
-        results[name] = {"train_time": train, "mean": mean, "speedup_vs_first": first / mean, "data_time": data,
-                         "recorded_data_time": recorded, "step_mean": step_mean,
-                         "step_speedup_vs_first": first_step / step_mean}
-        print(f"  {name:28s} {mean:6.2f} s  ({min(train):.2f}-{max(train):.2f})   {first / mean:.2f}x   "
-              f"data {statistics.mean(data):.2f} s   steps {step_mean:.2f} s   {first_step / step_mean:.2f}x")
+        mean = statistics.mean(train)
+        results[name] = {"train_time": train, "mean": mean, "data_time": data, "recorded_data_time": recorded,
+                         "step_mean": mean - statistics.mean(data)}
+    first = next(iter(results.values()))
+    print(f"default job, {args.rounds} rounds x {args.epochs} epochs; seconds per epoch (mean, range): training, the "
+          f"first variant's training time over each, waiting for data, training without it (the steps) and the "
+          f"first variant's steps over each:")
+    for name, row in results.items():
+        row["speedup_vs_first"] = first["mean"] / row["mean"]
+        row["step_speedup_vs_first"] = first["step_mean"] / row["step_mean"]
+        print(f"  {name:28s} {row['mean']:6.2f} s  ({min(row['train_time']):.2f}-{max(row['train_time']):.2f})   "
+              f"{row['speedup_vs_first']:.2f}x   data {statistics.mean(row['data_time']):.2f} s   "
+              f"steps {row['step_mean']:.2f} s   {row['step_speedup_vs_first']:.2f}x")
     if args.json:
         write_json(args.json, {"environment": environment(0, "cpu"), "args": vars(args), "command": " ".join(sys.argv),
                                "variants": results})

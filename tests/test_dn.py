@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from dndetr.plugins.base import assemble
+from dndetr.plugins.base import assemble, blocked_by_parts
 from dndetr.plugins.dn import Denoising, DNConfig
 from test_models import NAMES, NUM_CLASSES, build, criterion_for, make_batch, make_targets
 
@@ -28,7 +28,8 @@ def prepare(cfg: DNConfig, counts, num_matching: int = 4, seed: int = 0):
     content = torch.randn(len(counts), num_matching, D)
     matching_boxes = torch.rand(len(counts), num_matching, 4)
     block = dn.build(targets, content, IdentityBoxQueries)
-    queries, position, mask, _ = assemble([block], content, {"box": matching_boxes})
+    queries, position, parts, _ = assemble([block], content, {"box": matching_boxes})
+    mask = None if parts is None else blocked_by_parts(parts, queries.shape[1])
     return dn, targets, content, matching_boxes, (queries, position, mask, dict(block.meta, pad_size=block.size))
 
 

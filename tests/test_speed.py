@@ -407,3 +407,16 @@ def test_bench_optimizer_times_both_optimizers_on_equal_copies(tmp_path):
     assert list(rows) == ["detr fp32"]
     row = rows["detr fp32"]
     assert row["torch_s"] > 0 and row["ours_s"] > 0 and row["ours_over_torch"] == row["ours_s"] / row["torch_s"]
+
+
+def test_bench_block_attention_steps_both_forms_of_the_blocks_attention(tmp_path):
+    """The dense arm really runs the masked attention over all queries: its step counts more FLOPs than the
+    part-by-part step of the same model, which counts more than the model without blocks."""
+    result = run_benchmark(tmp_path, "bench_block_attention.py", "--settings", "none,dn 10 groups", "--repeats", "1",
+                           "--warmup", "0", "--size", "64", "--threads", "1")["block_attention"]
+    rows = {(r["setting"], r["form"]): r for r in result["rows"]}
+    assert list(rows) == [("none", "parts"), ("dn 10 groups", "parts"), ("dn 10 groups", "dense")]
+    parts, dense, alone = rows["dn 10 groups", "parts"], rows["dn 10 groups", "dense"], rows["none", "parts"]
+    assert dense["flops"] > parts["flops"] > alone["flops"] > 0
+    assert parts["queries"] == dense["queries"] == alone["queries"] + 10 * 9  # 9: the batch's largest image
+    assert parts["parts_vs_dense"] > 0 and dense["parts_vs_dense"] is None and alone["step_vs_none"] == 1

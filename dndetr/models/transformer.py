@@ -80,9 +80,40 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
+def attention_by_parts(q, k, v, nheads: int, dropout_p: float, parts) -> torch.Tensor:
+    """Self-attention under a block-structured mask (``parts``: plugins.base.AttentionPart in query-axis order),
+    each part over only the keys it sees: the masked attention's result (a blocked key has weight 0 either way)
+    without the blocked products. A part that sees nothing outside its rows puts its groups on the batch axis, as
+    Group DETR's authors stack theirs (11 groups of 300 queries: 11 x 300^2 scores instead of 3300^2); a part that
+    also sees shared keys (DN groups of a few queries and the matching queries) attends once over its rows and those
+    keys, its groups kept apart by a small mask: torch's fused CPU kernel is slow on many short batch rows."""
+    outputs = []
+    for part in parts:
+        batch, groups = q.shape[0], part.groups
+        rows = part.rows.stop - part.rows.start
+        if not part.also_sees:  # [B, R, d] -> [B * G, R / G, d]: row b * G + g is image b's group g
+            q_part, k_part, v_part = (t[:, part.rows].reshape(batch * groups, -1, t.shape[-1]) for t in (q, k, v))
+            out = attention(q_part, k_part, v_part, nheads, dropout_p)
+        else:
+            k_part, v_part = (torch.cat([t[:, part.rows]] + [t[:, seen] for seen in part.also_sees], dim=1)
+                              for t in (k, v))
+            blocked = None
+            if groups > 1:
+                group_of = torch.arange(rows, device=q.device) // (rows // groups)
+                blocked = F.pad(group_of[:, None] != group_of[None, :], (0, k_part.shape[1] - rows))
+            out = attention(q[:, part.rows], k_part, v_part, nheads, dropout_p, blocked)
+        outputs.append(out.reshape(batch, rows, -1))
+    return torch.cat(outputs, dim=1)
+
+
 def attention(q, k, v, nheads: int, dropout_p: float, attn_mask=None, padding_mask=None) -> torch.Tensor:
     """Multi-head attention over projected q [B,Nq,d], k [B,Nk,d], v [B,Nk,dv] -> [B,Nq,dv], dropout on the
-    attention weights. ``attn_mask`` [Nq,Nk] and ``padding_mask`` [B,Nk] mark what may NOT be attended (True)."""
+    attention weights. ``attn_mask`` [Nq,Nk] and ``padding_mask`` [B,Nk] mark what may NOT be attended (True);
+    ``attn_mask`` may instead be self-attention's tuple of parts (training-time query blocks, plugins.base)."""
+    if isinstance(attn_mask, tuple):
+        if padding_mask is not None:
+            raise ValueError("attention: attention parts are for self-attention, which has no padding mask")
+        return attention_by_parts(q, k, v, nheads, dropout_p, attn_mask)
     B, Nq = q.shape[:2]
     q, k, v = (t.view(B, t.shape[1], nheads, -1).transpose(1, 2) for t in (q, k, v))
     blocked = None

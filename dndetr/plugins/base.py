@@ -4,7 +4,7 @@ A plug-in (DN-DETR's denoising, and successors such as Group DETR or hybrid matc
 block of extra decoder queries (content [B,P,d] + the model's positional query), says which other queries the block
 may see in the decoder's self-attention, and computes its own loss terms on the block's outputs. The shared forward
 pass (models/base.py) and the criterion call plug-ins through this interface only, so several can be on at once:
-each block gets its own slice of the query axis and the masks are composed (:func:`compose_mask`).
+each block gets its own slice of the query axis and the visibility rules are composed (:func:`attention_parts`).
 
 The rule that keeps inference unchanged: the matching queries never see a block unless the block says so
 (``seen_by_matching``, DN without its attention mask), so at evaluation, when no block is built, the matching
@@ -49,12 +49,12 @@ def isolated_init(name: str) -> Iterator[None]:
 
 @dataclass
 class QueryBlock:
-    """One plug-in's extra queries for one batch. Masks use nn.MultiheadAttention's convention: True = blocked."""
+    """One plug-in's extra queries for one batch and which queries its rows may see in self-attention."""
 
     plugin: "QueryPlugin"
     content: torch.Tensor  # [B, P, d]
     position: Dict[str, torch.Tensor]  # the model's positional query, each [B, P, ...]
-    self_mask: Optional[torch.Tensor] = None  # [P, P] within the block; None = all visible
+    groups: int = 1  # the block's rows are this many equal groups that do not see each other (group-major)
     sees_matching: bool = True  # the block's rows may attend to the matching queries
     seen_by_matching: bool = False  # the matching queries may attend to this block (breaks train/eval equality)
     before_matching: bool = True  # where the block sits on the query axis
@@ -143,16 +143,15 @@ def matching_block_losses(block: QueryBlock, targets: List[dict], criterion, num
 
 def assemble(blocks: List[QueryBlock], content: torch.Tensor, position: Dict[str, torch.Tensor]):
     """Concatenate [blocks before | matching | blocks after] on the query axis; returns content, position, the
-    composed self-attention mask (None when nothing is blocked) and the matching queries' slice."""
+    self-attention's parts (:func:`attention_parts`; None when nothing is blocked) and the matching queries' slice."""
     before = [b for b in blocks if b.before_matching]
     after = [b for b in blocks if not b.before_matching]
-    ordered = before + after
     start = sum(b.size for b in before)
     matching = slice(start, start + content.shape[1])
     content = torch.cat([b.content for b in before] + [content] + [b.content for b in after], dim=1)
     position = {key: torch.cat([b.position[key] for b in before] + [value] + [b.position[key] for b in after], dim=1)
                 for key, value in position.items()}
-    return content, position, compose_mask(ordered, matching, content.shape[1], content.device), matching
+    return content, position, attention_parts(before + after, matching), matching
 
 
 def block_slices(blocks: List[QueryBlock], matching: slice) -> List[Tuple[QueryBlock, slice]]:
@@ -169,21 +168,47 @@ def block_slices(blocks: List[QueryBlock], matching: slice) -> List[Tuple[QueryB
     return slices
 
 
-def compose_mask(blocks: List[QueryBlock], matching: slice, total: int, device) -> Optional[torch.Tensor]:
-    """[T, T] bool, True = blocked: matching rows see the matching queries (and blocks ``seen_by_matching``);
-    a block's rows see their own block (minus its ``self_mask``) and, if ``sees_matching``, the matching queries.
-    A block that is fully open (seen by and seeing the matching queries, no self mask) is visible to everyone."""
+@dataclass(frozen=True)
+class AttentionPart:
+    """Consecutive rows of a block-structured self-attention: cut into ``groups`` equal groups, a row sees the rows
+    of its own group and the rows in ``also_sees``, nothing else (the training-time query blocks' rules)."""
+
+    rows: slice
+    groups: int = 1
+    also_sees: Tuple[slice, ...] = ()
+
+
+def blocked_by_parts(parts: Tuple[AttentionPart, ...], total: int, device=None) -> torch.Tensor:
+    """The dense [T, T] mask of ``parts`` (True = blocked), for checks and for the masked form of the attention."""
     allowed = torch.zeros(total, total, dtype=torch.bool, device=device)
-    allowed[matching, matching] = True
-    spans = block_slices(blocks, matching)
+    for part in parts:
+        start, stop = part.rows.start, part.rows.stop
+        size = (stop - start) // part.groups
+        for group in range(start, stop, size):
+            allowed[group:group + size, group:group + size] = True
+        for seen in part.also_sees:
+            allowed[part.rows, seen] = True
+    return ~allowed
+
+
+def is_open(block: QueryBlock) -> bool:
+    """Seen by and seeing the matching queries, in one group: visible to every query."""
+    return block.sees_matching and block.seen_by_matching and block.groups == 1
+
+
+def attention_parts(blocks: List[QueryBlock], matching: slice) -> Optional[Tuple[AttentionPart, ...]]:
+    """The self-attention's rules as parts in query-axis order: matching rows see the matching queries (and blocks
+    ``seen_by_matching``); a block's rows see their own group and, if ``sees_matching``, the matching queries; an
+    open block (:func:`is_open`) is seen by every query. None when nothing is blocked."""
+    spans = [(block, rows) for block, rows in block_slices(blocks, matching) if block.size]
+    if all(is_open(block) for block, _ in spans):
+        return None
+    open_rows = [rows for block, rows in spans if is_open(block)]
+    parts = [AttentionPart(matching, 1, tuple(rows for block, rows in spans if block.seen_by_matching))]
     for block, rows in spans:
-        allowed[rows, rows] = True if block.self_mask is None else ~block.self_mask
-        allowed[rows, matching] = block.sees_matching
-        allowed[matching, rows] = block.seen_by_matching
-        if block.sees_matching and block.seen_by_matching and block.self_mask is None:
-            allowed[:, rows] = True
-    blocked = ~allowed
-    return blocked if blocked.any() else None
+        seen = ([matching] if block.sees_matching else []) + [other for other in open_rows if other != rows]
+        parts.append(AttentionPart(rows, block.groups, tuple(seen)))
+    return tuple(sorted(parts, key=lambda part: part.rows.start))
 
 
 def split_outputs(blocks: List[QueryBlock], matching: slice, logits: torch.Tensor, boxes: torch.Tensor):

@@ -157,15 +157,13 @@ class Denoising(QueryPlugin):
         dn_content = dn_content.index_put((image, slot), torch.cat(
             (self.label_enc(noised_labels), content.new_ones(len(slot), 1)), dim=1))
         dn_boxes = content.new_full((batch_size, pad_size, 4), 0.5).index_put((image, slot), noised_boxes)
-        self_mask = None
-        if self.cfg.attn_mask:  # groups must not see each other (they would copy each other's answers)
-            group_of = torch.arange(pad_size, device=device) // max(per_group * copies, 1)
-            self_mask = group_of[:, None] != group_of[None, :]
         # Negatives are trained towards "no object" (class index num_classes) and get no box loss.
         meta = {"image": image, "slot": slot, "labels": labels.masked_fill(negative, self.num_classes),
                 "boxes": boxes, "positive": ~negative, "groups": groups}
-        return QueryBlock(self, dn_content, model.box_query_position(dn_boxes), self_mask=self_mask,
-                          seen_by_matching=not self.cfg.attn_mask, meta=meta)
+        # With the mask, groups must not see each other (they would copy each other's answers).
+        return QueryBlock(self, dn_content, model.box_query_position(dn_boxes),
+                          groups=groups if self.cfg.attn_mask else 1, seen_by_matching=not self.cfg.attn_mask,
+                          meta=meta)
 
     def loss(self, block: QueryBlock, targets: List[dict], criterion, num_layers: int) -> Dict[str, torch.Tensor]:
         """Reconstruction losses on the real DN slots, normalised by the number of positive DN queries on this

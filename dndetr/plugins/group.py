@@ -2,11 +2,12 @@
 
 Groups 1..K-1 are extra copies of the model's matching queries (their own parameters, drawn as the model draws its
 own, ``model.new_query_rows``); they share every other parameter. Each group sees only itself in the decoder's
-self-attention (a block-diagonal mask; the matching queries are group 0 and never see the others) and is matched
-one-to-one to the targets on its own, so every object gets K positives. The loss is the average over groups of
-the usual loss, as the authors' code does it with num_boxes x K: group 0's terms are scaled by 1/K through
-``matching_loss_scale`` and the other groups' terms (prefix ``group_``) carry (K-1)/K of their mean. At inference
-no block is built, so the model is the baseline model; the extra rows stay in the state dict.
+self-attention (the groups go on the batch axis there; the matching queries are group 0 and never see the
+others) and is matched one-to-one to the targets on its own, so every object gets K positives. The loss is the
+average over groups of the usual loss, as the authors' code does it with num_boxes x K: group 0's terms are
+scaled by 1/K through ``matching_loss_scale`` and the other groups' terms (prefix ``group_``) carry (K-1)/K of
+their mean. At inference no block is built, so the model is the baseline model; the extra rows stay in the
+state dict.
 """
 from __future__ import annotations
 
@@ -69,10 +70,8 @@ class GroupDETR(QueryPlugin):
     def build(self, targets: List[dict], content: torch.Tensor, model) -> Optional[QueryBlock]:
         batch_size = content.shape[0]
         content, position = concat_queries([model.queries(batch_size, dict(rows)) for rows in self.extra])
-        size = content.shape[1] // len(self.extra)
-        group_of = torch.arange(content.shape[1], device=content.device) // size
-        return QueryBlock(self, content, position, self_mask=group_of[:, None] != group_of[None, :],
-                          sees_matching=False, before_matching=False, meta={"group_size": size})
+        return QueryBlock(self, content, position, groups=len(self.extra), sees_matching=False, before_matching=False,
+                          meta={"group_size": content.shape[1] // len(self.extra)})
 
     def probe(self, content: torch.Tensor, model) -> Optional[QueryBlock]:
         return self.build([], content, model)  # every group's eval-mode outputs, for the per-group IS
