@@ -12,7 +12,6 @@ is also compared with the same model without blocks, and the FLOPs of one step o
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (NUM_CLASSES, PRECISIONS, check_run_args, compose_config, count_flops,  # noqa: E402
                                make_batch, make_optimizer, median, our_step, registered_models, save_results,
-                               timed)
+                               step_bench_parser, timed)
 from dndetr.criterion import build_criterion  # noqa: E402
 from dndetr.models import build_model  # noqa: E402
 from dndetr.plugins import base as plugin_base  # noqa: E402
@@ -117,19 +116,11 @@ def print_table(result) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = step_bench_parser(__doc__, repeats=5)
     parser.add_argument("--model", choices=registered_models(), default="dab")
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help=f"comma-separated, from: {', '.join(SETTINGS)}")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--size", type=int, default=384)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--objects", type=int, default=7, help="mean boxes per image (COCO: about 7)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="bf16: autocast")
-    parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in args.settings if s not in SETTINGS]

@@ -18,7 +18,6 @@ step each per repeat, so that outside load hits them equally.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -26,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (PRECISIONS, Stopwatch, build_ours, check_run_args, count_flops,  # noqa: E402
-                               make_batch, make_optimizer, median, our_step, patched, registered_models,
-                               save_results, timed, watching_our_matcher)
+from benchmarks.common import (PRECISIONS, Stopwatch, build_ours, check_run_args, count_flops, make_batch,  # noqa: E402
+                               make_optimizer, median, our_step, patched, registered_models, save_results,
+                               step_bench_parser, timed, watching_our_matcher)
 from dndetr.plugins import base as plugin_base  # noqa: E402
 from dndetr.plugins.dn import Denoising  # noqa: E402
 
@@ -95,18 +94,10 @@ def print_table(result) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = step_bench_parser(__doc__, repeats=3)
     parser.add_argument("--model", choices=registered_models(), default="dab")
     parser.add_argument("--groups", default="1,5,10", help="comma-separated DN group counts (compared with 0)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--size", type=int, default=384)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--objects", type=int, default=7, help="mean boxes per image (COCO: about 7)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="bf16: autocast")
-    parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     try:
         args.groups = sorted({int(g) for g in args.groups.split(",") if g.strip()})

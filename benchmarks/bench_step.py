@@ -19,7 +19,6 @@ when auxiliary_loss=True (the official models do not), so only speed is comparab
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from contextlib import contextmanager
@@ -29,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (LAYOUTS, PRECISIONS, Stopwatch, as_input, autocast, build_ours,  # noqa: E402
-                               build_peer, check_run_args, count_flops, make_batch, make_optimizer, matmul_ceiling,
-                               median, our_step, parse_names, patched, peer_step, registered_models, save_results,
-                               set_layouts, timed, watching_our_matcher)
+from benchmarks.common import (LAYOUTS, PRECISIONS, Stopwatch, as_input, autocast, build_ours, build_peer,  # noqa: E402
+                               check_run_args, count_flops, make_batch, make_optimizer, matmul_ceiling, median,
+                               our_step, parse_names, patched, peer_step, registered_models, save_results, set_layouts,
+                               step_bench_parser, timed, watching_our_matcher)
 
 DROPOUTS = ("default", "matched")
 
@@ -160,22 +159,15 @@ def print_tables(results) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = step_bench_parser(__doc__, repeats=3)
     parser.add_argument("--models", default=",".join(registered_models(with_peer=True)),
                         help="comma-separated registered models that have a transformers peer")
     parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
     parser.add_argument("--dropout", default="default,matched",
                         help="comma-separated: default (each library's), matched (the peer gets ours everywhere)")
     parser.add_argument("--layout", default="nchw",
-                        help="comma-separated backbone layouts: nchw, nhwc (both sides), shipped (ours NHWC, peer NCHW)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--size", type=int, default=384)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--objects", type=int, default=7, help="mean boxes per image (COCO: about 7)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
-    parser.add_argument("--json", help="write the results here")
+                        help="comma-separated backbone layouts: nchw, nhwc (both sides), "
+                             "shipped (ours NHWC, peer NCHW)")
     args = parser.parse_args(argv)
     try:
         names = parse_names(args.models, registered_models(with_peer=True))

@@ -298,6 +298,17 @@ def microbench_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
+def step_bench_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The options of the whole-step benchmarks: the bench config's batch (``make_batch``), device and timing."""
+    parser = microbench_parser(doc)
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--objects", type=int, default=7, help="mean boxes per image (COCO: about 7)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.set_defaults(repeats=repeats, warmup=1)
+    return parser
+
+
 def check_run_args(parser, args) -> None:
     """The options the benchmarks share; a bad one ends the script with argparse's one-line error."""
     if args.repeats < 1 or args.warmup < 0:
