@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (NUM_CLASSES, PRECISIONS, check_run_args, compose_config, count_flops,  # noqa: E402
-                               make_batch, make_optimizer, median, our_step, registered_models, save_results,
-                               step_bench_parser, timed)
+                               make_batch, make_optimizer, median, our_step, parse_names, registered_models,
+                               save_results, step_bench_parser, timed)
 from dndetr.criterion import build_criterion  # noqa: E402
 from dndetr.models import build_model  # noqa: E402
 from dndetr.plugins import base as plugin_base  # noqa: E402
@@ -122,10 +122,10 @@ def main(argv=None) -> None:
                         help=f"comma-separated, from: {', '.join(SETTINGS)}")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="bf16: autocast")
     args = parser.parse_args(argv)
-    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    unknown = [s for s in args.settings if s not in SETTINGS]
-    if unknown or not args.settings:
-        parser.error(f"--settings: unknown {unknown or 'empty'}; choose from {', '.join(SETTINGS)}")
+    try:
+        args.settings = parse_names(args.settings, list(SETTINGS), "--settings")
+    except ValueError as err:
+        parser.error(str(err))
     check_run_args(parser, args)
 
     result = run(args)
