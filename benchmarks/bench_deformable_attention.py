@@ -7,7 +7,9 @@ attended by two kinds of queries, as in one encoder layer and one decoder layer:
 - decoder: 300 queries with box references.
 
 Each case runs forward + backward with the attention's query chunking off (``max_sample_bytes=None``) and on (the
-default budget, or ``--budget-mib``); both variants alternate repeat by repeat. Reported per case: median time,
+default budget, or ``--budget-mib``) and, on the CPU, with grid_sample's sampling instead of the default row sums
+(``vs_grid_sample``: the default's time over grid_sample's, paired); the variants alternate repeat by repeat.
+Reported per case: median time,
 the bytes autograd keeps for backward (counted with saved-tensor hooks, so the same on CPU and CUDA) and, on CUDA,
 the peak allocated memory during the step above what was allocated before it.
 
@@ -75,12 +77,15 @@ def run_case(kind: str, size: int, args) -> dict:
     inputs = make_inputs(kind, size, args.batch, args.device, args.queries)
     torch.manual_seed(0)
     module = MSDeformAttn(256, 4, 8, 4).to(args.device)
-    budgets = {"unchunked": None, "chunked": int(args.budget_mib * MIB)}
-    times = {name: [] for name in budgets}
+    # name: (max_sample_bytes, sampling); None = the default for the device
+    variants = {"unchunked": (None, None), "chunked": (int(args.budget_mib * MIB), None)}
+    if args.device == "cpu":
+        variants["grid_sample"] = (None, "grid_sample")  # the CPU's sampling until 2026-12-06
+    times = {name: [] for name in variants}
     saved, peak = {}, {}
     for i in range(args.warmup + args.repeats):
-        for name, budget in budgets.items():
-            module.max_sample_bytes = budget
+        for name, (budget, sampling) in variants.items():
+            module.max_sample_bytes, module.sampling = budget, sampling
             if args.device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -98,26 +103,32 @@ def run_case(kind: str, size: int, args) -> dict:
     shapes = inputs[0]
     row = {"kind": kind, "size": size, "tokens": sum(h * w for h, w in shapes),
            "queries": inputs[2].shape[1], "shapes": shapes}
-    for name in budgets:
+    for name in variants:
         row[f"{name}_s"] = median(times[name])
         row[f"{name}_saved_mib"] = saved[name] / MIB
         if peak:
             row[f"{name}_peak_mib"] = peak[name] / MIB
     row["time_ratio"] = median([c / u for c, u in zip(times["chunked"], times["unchunked"])])
+    if "grid_sample" in times:  # the default (row sums) over grid_sample, paired by repeat
+        row["vs_grid_sample"] = median([u / g for u, g in zip(times["unchunked"], times["grid_sample"])])
     return row
 
 
 def print_table(rows) -> None:
     peak = "peak_mib" in " ".join(rows[0])
+    grid = "vs_grid_sample" in rows[0]
     header = (f"{'kind':>8}{'size':>6}{'S':>8}{'Lq':>8}{'time':>10}{'chunked':>10}{'ratio':>7}{'saved MiB':>11}"
               f"{'chunked':>9}")
-    print(header + (f"{'peak MiB':>10}{'chunked':>9}" if peak else ""))
+    print(header + (f"{'peak MiB':>10}{'chunked':>9}" if peak else "")
+          + (f"{'grid_sample':>13}{'saved MiB':>11}{'ours/grid':>11}" if grid else ""))
     for r in rows:
         line = (f"{r['kind']:>8}{r['size']:>6}{r['tokens']:>8}{r['queries']:>8}{r['unchunked_s']:>10.4f}"
                 f"{r['chunked_s']:>10.4f}{r['time_ratio']:>7.2f}{r['unchunked_saved_mib']:>11.1f}"
                 f"{r['chunked_saved_mib']:>9.1f}")
         if peak:
             line += f"{r['unchunked_peak_mib']:>10.1f}{r['chunked_peak_mib']:>9.1f}"
+        if grid:
+            line += f"{r['grid_sample_s']:>13.4f}{r['grid_sample_saved_mib']:>11.1f}{r['vs_grid_sample']:>11.2f}"
         print(line)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from dndetr.config import BackboneConfig
 from dndetr.models.backbone import Backbone
-from dndetr.models.deformable_attention import MSDeformAttn, deformable_attention_core, radial_offset_bias
+from dndetr.models.deformable_attention import SAMPLINGS, MSDeformAttn, deformable_attention_core, radial_offset_bias
 from dndetr.models.deformable_transformer import (DeformableDecoderLayer, DeformableEncoder, DeformableEncoderLayer,
                                                   MultiScaleMemory, encoder_proposals, encoder_reference_points,
                                                   flatten_levels, input_projection, level_references, project_levels,
@@ -114,17 +114,44 @@ def core_inputs(seed=0, lq=3):
     return value, locations.requires_grad_(), weights.requires_grad_()
 
 
-def test_gradcheck_value_locations_weights():
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_gradcheck_value_locations_weights(sampling):
     value, locations, weights = core_inputs()
-    assert torch.autograd.gradcheck(lambda v, loc, w: deformable_attention_core(v, SHAPES, loc, w),
+    assert torch.autograd.gradcheck(lambda v, loc, w: deformable_attention_core(v, SHAPES, loc, w, None, sampling),
                                     (value, locations, weights), eps=1e-6, atol=1e-5)
 
 
-def test_gradcheck_through_chunks():
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+def test_gradcheck_through_chunks(sampling):
     value, locations, weights = core_inputs(seed=2, lq=5)
     one_query = 2 * 2 * len(SHAPES) * 2 * 8  # heads * head_dim * levels * points * float64 bytes
-    assert torch.autograd.gradcheck(lambda v, loc, w: deformable_attention_core(v, SHAPES, loc, w, 2 * one_query),
-                                    (value, locations, weights), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: deformable_attention_core(v, SHAPES, loc, w, 2 * one_query, sampling),
+        (value, locations, weights), eps=1e-6, atol=1e-5)
+
+
+def test_row_sums_equal_grid_sample_values_and_gradients():
+    """The CPU's weighted sum of value rows computes grid_sample's samples, inside, across borders and outside the
+    map, for every level, head and image, with the same gradients for all three inputs; and the same values on
+    pixel centres, where the sampling has a kink (either one-sided derivative is right there, and the two paths
+    round the pixel coordinate differently, so their location gradients may take different sides)."""
+    value, locations, weights = core_inputs(seed=4, lq=40)
+    assert ((locations < 0) | (locations > 1)).any() and ((locations > 0) & (locations < 1)).any()
+    results = []
+    for sampling in SAMPLINGS:
+        out = deformable_attention_core(value, SHAPES, locations, weights, None, sampling)
+        results.append([out] + list(torch.autograd.grad((out * out.detach()).sum(), (value, locations, weights))))
+    for rows, grid in zip(*results):
+        assert torch.allclose(rows, grid, atol=1e-12, rtol=1e-10)
+    assert results[0][0].abs().max() > 0.1 and results[0][2].abs().max() > 0.1
+    with torch.no_grad():
+        for level, (h, w) in enumerate(SHAPES):
+            centres = torch.tensor([[1.5, 0.5], [0.5, 2.5], [2.5, 1.5], [3.5, 0.5]], dtype=locations.dtype)
+            locations[0, :4, :, level, 0] = (centres / torch.tensor([w, h]))[:, None]
+        on_centres = [deformable_attention_core(value, SHAPES, locations, weights, None, s) for s in SAMPLINGS]
+    assert torch.allclose(*on_centres, atol=1e-12, rtol=1e-10)
+    with pytest.raises(ValueError, match="sampling='nearest'"):
+        deformable_attention_core(value, SHAPES, locations, weights, None, "nearest")
 
 
 def test_chunked_equals_unchunked_with_gradients():

@@ -420,3 +420,13 @@ def test_bench_block_attention_steps_both_forms_of_the_blocks_attention(tmp_path
     assert dense["flops"] > parts["flops"] > alone["flops"] > 0
     assert parts["queries"] == dense["queries"] == alone["queries"] + 10 * 9  # 9: the batch's largest image
     assert parts["parts_vs_dense"] > 0 and dense["parts_vs_dense"] is None and alone["step_vs_none"] == 1
+
+
+def test_bench_deformable_attention_times_the_row_sums_against_grid_sample(tmp_path):
+    rows = run_benchmark(tmp_path, "bench_deformable_attention.py", "--sizes", "64", "--repeats", "1", "--warmup",
+                         "0", "--threads", "1")["rows"]
+    assert [r["kind"] for r in rows] == ["encoder", "decoder"]
+    for row in rows:
+        assert min(row["unchunked_s"], row["chunked_s"], row["grid_sample_s"]) > 0 and row["vs_grid_sample"] > 0
+        # grid_sample keeps its samples for the backward; the row sums keep corner indices and weights only
+        assert row["grid_sample_saved_mib"] > row["unchunked_saved_mib"] > 0
