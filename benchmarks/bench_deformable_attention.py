@@ -1,14 +1,15 @@
 """Time and memory of multi-scale deformable attention (dndetr/models/deformable_attention.py) vs image size.
 
-For each square image size, the 4 levels of Deformable DETR (strides 8, 16, 32, 64; d=256, 8 heads, 4 points) are
-attended by two kinds of queries, as in one encoder layer and one decoder layer:
+For each square image size, the 4 levels of Deformable DETR (strides 8, 16, 32, 64; d=256 or ``--d-model``,
+8 heads, 4 points) are attended by two kinds of queries, as in one encoder layer and one decoder layer:
 
 - encoder: every token queries (Lq = S), 2-D reference points;
 - decoder: 300 queries with box references.
 
 Each case runs forward + backward with the attention's query chunking off (``max_sample_bytes=None``) and on (the
-default budget, or ``--budget-mib``) and, on the CPU, with grid_sample's sampling instead of the default row sums
-(``vs_grid_sample``: the default's time over grid_sample's, paired); the variants alternate repeat by repeat.
+default budget, or ``--budget-mib``) and, on the CPU, with each sampling forced: the row sums and grid_sample
+(``rows_vs_grid_sample``, paired; the CPU's default is the row sums from 32 channels per head, grid_sample below);
+the variants alternate repeat by repeat.
 Reported per case: median time,
 the bytes autograd keeps for backward (counted with saved-tensor hooks, so the same on CPU and CUDA) and, on CUDA,
 the peak allocated memory during the step above what was allocated before it.
@@ -41,13 +42,13 @@ def level_shapes(size: int):
     return shapes
 
 
-def make_inputs(kind: str, size: int, batch: int, device: str, queries: int):
+def make_inputs(kind: str, size: int, batch: int, device: str, queries: int, d_model: int):
     shapes = level_shapes(size)
     S = sum(h * w for h, w in shapes)
     lq = S if kind == "encoder" else queries
     gen = torch.Generator().manual_seed(0)
-    values = torch.randn(batch, S, 256, generator=gen).to(device)
-    query = torch.randn(batch, lq, 256, generator=gen).to(device).requires_grad_()
+    values = torch.randn(batch, S, d_model, generator=gen).to(device)
+    query = torch.randn(batch, lq, d_model, generator=gen).to(device).requires_grad_()
     refs = torch.rand(batch, lq, len(shapes), 2 if kind == "encoder" else 4, generator=gen).to(device)
     mask = torch.zeros(batch, S, dtype=torch.bool, device=device)
     return shapes, values.requires_grad_(), query, refs, mask
@@ -74,13 +75,13 @@ def step(module, inputs, device):
 
 
 def run_case(kind: str, size: int, args) -> dict:
-    inputs = make_inputs(kind, size, args.batch, args.device, args.queries)
+    inputs = make_inputs(kind, size, args.batch, args.device, args.queries, args.d_model)
     torch.manual_seed(0)
-    module = MSDeformAttn(256, 4, 8, 4).to(args.device)
+    module = MSDeformAttn(args.d_model, 4, 8, 4).to(args.device)
     # name: (max_sample_bytes, sampling); None = the default for the device
     variants = {"unchunked": (None, None), "chunked": (int(args.budget_mib * MIB), None)}
-    if args.device == "cpu":
-        variants["grid_sample"] = (None, "grid_sample")  # the CPU's sampling until 2026-12-06
+    if args.device == "cpu":  # both samplings, whichever the default is at this width
+        variants.update(rows=(None, "rows"), grid_sample=(None, "grid_sample"))
     times = {name: [] for name in variants}
     saved, peak = {}, {}
     for i in range(args.warmup + args.repeats):
@@ -109,18 +110,18 @@ def run_case(kind: str, size: int, args) -> dict:
         if peak:
             row[f"{name}_peak_mib"] = peak[name] / MIB
     row["time_ratio"] = median([c / u for c, u in zip(times["chunked"], times["unchunked"])])
-    if "grid_sample" in times:  # the default (row sums) over grid_sample, paired by repeat
-        row["vs_grid_sample"] = median([u / g for u, g in zip(times["unchunked"], times["grid_sample"])])
+    if "grid_sample" in times:  # paired by repeat
+        row["rows_vs_grid_sample"] = median([r / g for r, g in zip(times["rows"], times["grid_sample"])])
     return row
 
 
 def print_table(rows) -> None:
     peak = "peak_mib" in " ".join(rows[0])
-    grid = "vs_grid_sample" in rows[0]
+    grid = "rows_vs_grid_sample" in rows[0]
     header = (f"{'kind':>8}{'size':>6}{'S':>8}{'Lq':>8}{'time':>10}{'chunked':>10}{'ratio':>7}{'saved MiB':>11}"
               f"{'chunked':>9}")
     print(header + (f"{'peak MiB':>10}{'chunked':>9}" if peak else "")
-          + (f"{'grid_sample':>13}{'saved MiB':>11}{'ours/grid':>11}" if grid else ""))
+          + (f"{'rows':>9}{'saved MiB':>11}{'grid_sample':>13}{'saved MiB':>11}{'rows/grid':>11}" if grid else ""))
     for r in rows:
         line = (f"{r['kind']:>8}{r['size']:>6}{r['tokens']:>8}{r['queries']:>8}{r['unchunked_s']:>10.4f}"
                 f"{r['chunked_s']:>10.4f}{r['time_ratio']:>7.2f}{r['unchunked_saved_mib']:>11.1f}"
@@ -128,7 +129,8 @@ def print_table(rows) -> None:
         if peak:
             line += f"{r['unchunked_peak_mib']:>10.1f}{r['chunked_peak_mib']:>9.1f}"
         if grid:
-            line += f"{r['grid_sample_s']:>13.4f}{r['grid_sample_saved_mib']:>11.1f}{r['vs_grid_sample']:>11.2f}"
+            line += (f"{r['rows_s']:>9.4f}{r['rows_saved_mib']:>11.1f}{r['grid_sample_s']:>13.4f}"
+                     f"{r['grid_sample_saved_mib']:>11.1f}{r['rows_vs_grid_sample']:>11.2f}")
         print(line)
 
 
@@ -138,6 +140,7 @@ def main() -> None:
     parser.add_argument("--kinds", default="encoder,decoder")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--queries", type=int, default=300, help="decoder queries")
+    parser.add_argument("--d-model", type=int, default=256, help="model width (8 heads: head_dim = d_model / 8)")
     parser.add_argument("--budget-mib", type=float, default=DEFAULT_MAX_SAMPLE_BYTES / MIB,
                         help="max_sample_bytes of the chunked variant, in MiB")
     parser.add_argument("--repeats", type=int, default=3)
@@ -156,6 +159,8 @@ def main() -> None:
         parser.error("--sizes must be >= 64 and --kinds a subset of encoder,decoder")
     if args.budget_mib <= 0:
         parser.error("--budget-mib must be > 0")
+    if args.d_model < 8 or args.d_model % 8:
+        parser.error(f"--d-model={args.d_model}: use a positive multiple of 8 (8 heads)")
     rows = [run_case(kind, size, args) for size in sizes for kind in kinds]
     print_table(rows)
     save_results(args, "rows", rows)

@@ -87,9 +87,11 @@ def random_case(ref_dim, dtype=torch.float64, seed=0, lq=4):
     return module, query, refs, values, padding
 
 
+@pytest.mark.parametrize("sampling", SAMPLINGS)
 @pytest.mark.parametrize("ref_dim", [2, 4])
-def test_attention_equals_written_out_reference(ref_dim):
+def test_attention_equals_written_out_reference(ref_dim, sampling):
     module, query, refs, values, padding = random_case(ref_dim)
+    module.sampling = sampling
     with torch.no_grad():
         ours = module(query, refs, values, SHAPES, padding)
         expected = reference_attention(module, query, refs, values, SHAPES, padding)
@@ -128,6 +130,23 @@ def test_gradcheck_through_chunks(sampling):
     assert torch.autograd.gradcheck(
         lambda v, loc, w: deformable_attention_core(v, SHAPES, loc, w, 2 * one_query, sampling),
         (value, locations, weights), eps=1e-6, atol=1e-5)
+
+
+def test_the_cpu_samples_by_row_sums_from_32_channels_per_head(monkeypatch):
+    from dndetr.models import deformable_attention
+
+    calls = []
+
+    def recorded(name):
+        return lambda prepared, locations, weights, **_: calls.append(name) or torch.zeros(locations.shape[:2])
+
+    monkeypatch.setattr(deformable_attention, "mix_rows", recorded("rows"))
+    monkeypatch.setattr(deformable_attention, "sample_and_mix", recorded("grid_sample"))
+    for head_dim in (16, 31, 32, 64):
+        value = torch.randn(1, sum(h * w for h, w in SHAPES), 2, head_dim)
+        deformable_attention_core(value, SHAPES, torch.rand(1, 3, 2, len(SHAPES), 2, 2),
+                                  torch.rand(1, 3, 2, len(SHAPES), 2))
+    assert calls == ["grid_sample", "grid_sample", "rows", "rows"]
 
 
 def test_row_sums_equal_grid_sample_values_and_gradients():

@@ -6,10 +6,11 @@ levels x points. The sampling is ``F.grid_sample(align_corners=False, padding_mo
 ``loc * W - 0.5`` and counts neighbours outside the map as zero: the same arithmetic as the official CUDA kernel.
 Weights are not renormalised when a point falls outside the map.
 
-On the CPU the sampling and mixing are one weighted sum of value rows (:func:`mix_rows`): every sample is its
-four bilinear corners, weighted by bilinear weight x attention weight, summed by torch's embedding bag, whose
-forward never materialises the samples; its backward (:class:`WeightedRows`) groups the corner indices by row
-once. Elsewhere grid_sample samples every point and the weighted sum follows (:func:`sample_and_mix`).
+On the CPU, with 32 or more channels per head, the sampling and mixing are one weighted sum of value rows
+(:func:`mix_rows`): every sample is its four bilinear corners, weighted by bilinear weight x attention weight,
+summed by torch's embedding bag, whose forward never materialises the samples; its backward
+(:class:`WeightedRows`) groups the corner indices by row once. Otherwise grid_sample samples every point and the
+weighted sum follows (:func:`sample_and_mix`).
 
 With grid_sample the sampled tensor [N*heads, head_dim, Lq, levels*points] is what autograd keeps for the backward
 pass, and at COCO sizes in the encoder (Lq = S ~ 20k tokens) it is ~650 MiB per layer. ``max_sample_bytes`` caps
@@ -118,6 +119,10 @@ def mix_rows(rows: torch.Tensor, shapes: Shapes, locations: torch.Tensor, weight
 
 
 SAMPLINGS = ("rows", "grid_sample")
+# The CPU's default is the row sums from this many channels per head: on the 2-core CPU of docs/benchmarks.md they
+# take 0.5-0.9x grid_sample's time forward + backward with the published 32 channels, but 0.9-1.3x with 16 (the cpu
+# experiments' width 128), where grid_sample's cost per channel is small against the row sums' cost per sample.
+ROWS_MIN_HEAD_DIM = 32
 
 
 def deformable_attention_core(value: torch.Tensor, shapes: Shapes, locations: torch.Tensor, weights: torch.Tensor,
@@ -127,11 +132,13 @@ def deformable_attention_core(value: torch.Tensor, shapes: Shapes, locations: to
     Half-precision inputs are computed in float32 (the official kernel has no half/bfloat16 path either) and the
     result is cast back. ``max_sample_bytes`` (None = no limit) bounds the sampled tensor of one query chunk (the
     rows path keeps less than that: the corner indices and weights). ``sampling``: "rows" (:func:`mix_rows`, one
-    weighted sum of value rows; the default on the CPU, where it is about twice as fast forward + backward as
-    grid_sample: docs/benchmarks.md) or "grid_sample" (:func:`sample_and_mix`, torch's kernels; the default
-    elsewhere). Both compute the same values and gradients.
+    weighted sum of value rows; the default on the CPU from ``ROWS_MIN_HEAD_DIM`` channels per head) or
+    "grid_sample" (:func:`sample_and_mix`, torch's kernels; the default otherwise). Both compute the same values
+    and gradients.
     """
-    sampling = sampling or ("rows" if value.device.type == "cpu" else "grid_sample")
+    if sampling is None:
+        on_cpu = value.device.type == "cpu"
+        sampling = "rows" if on_cpu and value.shape[-1] >= ROWS_MIN_HEAD_DIM else "grid_sample"
     if sampling not in SAMPLINGS:
         raise ValueError(f"sampling={sampling!r}: use one of {SAMPLINGS}")
     out_dtype = value.dtype
