@@ -87,6 +87,16 @@ def test_no_query_sees_a_block_it_must_not_see(combo):
     assert torch.equal(mask, expected_mask(regions))
 
 
+def test_a_block_that_cannot_be_cut_into_its_groups_is_refused():
+    from types import SimpleNamespace
+
+    from dndetr.plugins.base import QueryBlock, attention_parts
+
+    block = QueryBlock(SimpleNamespace(group="dn"), torch.zeros(1, 5, D), {}, groups=2)
+    with pytest.raises(ValueError, match="dn: a block of 5 queries cannot be 2 equal groups"):
+        attention_parts([block], slice(5, 15))
+
+
 @pytest.mark.parametrize("combo", sorted(COMBINATIONS) + ["open dn+group+hybrid"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_attention_by_parts_is_the_masked_attention(combo, precision):

@@ -201,6 +201,10 @@ def attention_parts(blocks: List[QueryBlock], matching: slice) -> Optional[Tuple
     ``seen_by_matching``); a block's rows see their own group and, if ``sees_matching``, the matching queries; an
     open block (:func:`is_open`) is seen by every query. None when nothing is blocked."""
     spans = [(block, rows) for block, rows in block_slices(blocks, matching) if block.size]
+    for block, _ in spans:
+        if block.groups < 1 or block.size % block.groups:
+            raise ValueError(f"{block.plugin.group}: a block of {block.size} queries cannot be {block.groups} "
+                             f"equal groups")
     if all(is_open(block) for block, _ in spans):
         return None
     open_rows = [rows for block, rows in spans if is_open(block)]
