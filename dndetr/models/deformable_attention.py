@@ -74,7 +74,7 @@ class WeightedRows(torch.autograd.Function):
         grad_rows = grad_coef = None
         if ctx.needs_input_grad[0]:
             flat = index.flatten()
-            order = flat.argsort()
+            order = flat.argsort(stable=True)  # the same order, so the same sums, in every run (and faster)
             counts = torch.bincount(flat, minlength=rows.shape[0])
             grad_rows = F.embedding_bag(order // index.shape[1], grad, counts.cumsum(0) - counts,
                                         per_sample_weights=coef.flatten()[order], mode="sum")
@@ -120,7 +120,7 @@ def mix_rows(rows: torch.Tensor, shapes: Shapes, locations: torch.Tensor, weight
 
 SAMPLINGS = ("rows", "grid_sample")
 # The CPU's default is the row sums from this many channels per head: on the 2-core CPU of docs/benchmarks.md they
-# take 0.5-0.9x grid_sample's time forward + backward with the published 32 channels, but 0.9-1.3x with 16 (the cpu
+# take 0.5-0.8x grid_sample's time forward + backward with the published 32 channels, but 0.9-1.3x with 16 (the cpu
 # experiments' width 128), where grid_sample's cost per channel is small against the row sums' cost per sample.
 ROWS_MIN_HEAD_DIM = 32
 
