@@ -20,9 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (NUM_CLASSES, PRECISIONS, check_run_args, compose_config, count_flops,  # noqa: E402
-                               make_batch, make_optimizer, median, our_step, parse_names, registered_models,
-                               save_results, step_bench_parser, timed)
+from benchmarks.common import (NUM_CLASSES, check_run_args, compose_config, count_flops, make_batch,  # noqa: E402
+                               make_optimizer, median, one_model_parser, our_step, parse_names, run_and_report, timed)
 from dndetr.criterion import build_criterion  # noqa: E402
 from dndetr.models import build_model  # noqa: E402
 from dndetr.plugins import base as plugin_base  # noqa: E402
@@ -116,21 +115,16 @@ def print_table(result) -> None:
 
 
 def main(argv=None) -> None:
-    parser = step_bench_parser(__doc__, repeats=5)
-    parser.add_argument("--model", choices=registered_models(), default="dab")
+    parser = one_model_parser(__doc__, repeats=5)
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help=f"comma-separated, from: {', '.join(SETTINGS)}")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="bf16: autocast")
     args = parser.parse_args(argv)
     try:
         args.settings = parse_names(args.settings, list(SETTINGS), "--settings")
     except ValueError as err:
         parser.error(str(err))
     check_run_args(parser, args)
-
-    result = run(args)
-    print_table(result)
-    save_results(args, "block_attention", result)
+    run_and_report(args, run, print_table, "block_attention")
 
 
 if __name__ == "__main__":

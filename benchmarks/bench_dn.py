@@ -25,9 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (PRECISIONS, Stopwatch, build_ours, check_run_args, count_flops, make_batch,  # noqa: E402
-                               make_optimizer, median, our_step, patched, registered_models, save_results,
-                               step_bench_parser, timed, watching_our_matcher)
+from benchmarks.common import (Stopwatch, build_ours, check_run_args, count_flops, make_batch,  # noqa: E402
+                               make_optimizer, median, one_model_parser, our_step, patched, run_and_report, timed,
+                               watching_our_matcher)
 from dndetr.plugins import base as plugin_base  # noqa: E402
 from dndetr.plugins.dn import Denoising  # noqa: E402
 
@@ -94,10 +94,8 @@ def print_table(result) -> None:
 
 
 def main(argv=None) -> None:
-    parser = step_bench_parser(__doc__, repeats=3)
-    parser.add_argument("--model", choices=registered_models(), default="dab")
+    parser = one_model_parser(__doc__, repeats=3)
     parser.add_argument("--groups", default="1,5,10", help="comma-separated DN group counts (compared with 0)")
-    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="bf16: autocast")
     args = parser.parse_args(argv)
     try:
         args.groups = sorted({int(g) for g in args.groups.split(",") if g.strip()})
@@ -106,10 +104,7 @@ def main(argv=None) -> None:
     if not args.groups or min(args.groups) < 1:
         parser.error(f"--groups={args.groups!r}: use comma-separated integers >= 1")
     check_run_args(parser, args)
-
-    result = run(args)
-    print_table(result)
-    save_results(args, "result", result)
+    run_and_report(args, run, print_table, "result")
 
 
 if __name__ == "__main__":

@@ -309,6 +309,21 @@ def step_bench_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
     return parser
 
 
+def one_model_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """step_bench_parser with one ``--model`` (DAB-DETR by default) and one ``--precision``."""
+    parser = step_bench_parser(doc, repeats)
+    parser.add_argument("--model", choices=registered_models(), default="dab")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="bf16: autocast")
+    return parser
+
+
+def run_and_report(args, run: Callable, print_table: Callable, key: str) -> None:
+    """Run the benchmark, print its table and, with ``--json``, save the result under ``key``."""
+    result = run(args)
+    print_table(result)
+    save_results(args, key, result)
+
+
 def check_run_args(parser, args) -> None:
     """The options the benchmarks share; a bad one ends the script with argparse's one-line error."""
     if args.repeats < 1 or args.warmup < 0:
