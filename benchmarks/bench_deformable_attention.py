@@ -15,6 +15,13 @@ the bytes autograd keeps for backward (counted with saved-tensor hooks, so the s
 the peak allocated memory during the step above what was allocated before it.
 
     python benchmarks/bench_deformable_attention.py --sizes 256,512,800 --device cpu --json deform.json
+
+With ``--whole-steps`` it times whole training steps instead: each deformable model of ``--models`` in the bench
+config of docs/benchmarks.md (batch ``--batch`` at each of ``--sizes``), at each of ``--precision``, with every
+attention module's sampling forced to the row sums and to grid_sample in turn, alternating step by step on one model
+(same weights, same batch), so the result is the median of the paired ratios:
+
+    python benchmarks/bench_deformable_attention.py --whole-steps --sizes 384 --repeats 6 --json deform_steps.json
 """
 from __future__ import annotations
 
@@ -27,8 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import check_run_args, median, save_results, timed  # noqa: E402
-from dndetr.models.deformable_attention import DEFAULT_MAX_SAMPLE_BYTES, MSDeformAttn  # noqa: E402
+from benchmarks.common import (PRECISIONS, build_ours, check_run_args, make_batch, make_optimizer,  # noqa: E402
+                               median, our_step, parse_names, round_robin, save_results, timed)
+from dndetr.models import MODELS  # noqa: E402
+from dndetr.models.deformable_attention import DEFAULT_MAX_SAMPLE_BYTES, SAMPLINGS, MSDeformAttn  # noqa: E402
 
 STRIDES = (8, 16, 32, 64)
 MIB = 2 ** 20
@@ -115,6 +124,42 @@ def run_case(kind: str, size: int, args) -> dict:
     return row
 
 
+def deformable_models():
+    return sorted(name for name in MODELS if "deformable" in name)
+
+
+def run_whole_steps(model_name: str, size: int, precision: str, args) -> dict:
+    """One model's training step with each sampling forced, paired step by step."""
+    images, masks, targets = make_batch(args.batch, size, 7, args.device)
+    torch.manual_seed(0)
+    model, criterion = build_ours(model_name, args.device)
+    model.train()
+    optimizer = make_optimizer(model)
+    attention = [m for m in model.modules() if isinstance(m, MSDeformAttn)]
+
+    def step_with(sampling):
+        def step():
+            for module in attention:
+                module.sampling = sampling
+            our_step(model, criterion, optimizer, images, masks, targets, precision)
+        return step
+
+    times = round_robin({s: step_with(s) for s in SAMPLINGS}, args.warmup, args.repeats, args.device)
+    row = {"model": model_name, "size": size, "batch": args.batch, "precision": precision,
+           "attention_modules": len(attention)}
+    row.update({f"{s}_s": median(times[s]) for s in SAMPLINGS})
+    row.update({f"{s}_all_s": times[s] for s in SAMPLINGS})
+    row["rows_vs_grid_sample"] = median([r / g for r, g in zip(times["rows"], times["grid_sample"])])
+    return row
+
+
+def print_steps(rows) -> None:
+    print(f"{'model':<22}{'size':>6}{'precision':>10}{'rows':>9}{'grid_sample':>13}{'rows/grid':>11}")
+    for r in rows:
+        print(f"{r['model']:<22}{r['size']:>6}{r['precision']:>10}{r['rows_s']:>8.3f}s{r['grid_sample_s']:>12.3f}s"
+              f"{r['rows_vs_grid_sample']:>11.3f}")
+
+
 def print_table(rows) -> None:
     peak = "peak_mib" in " ".join(rows[0])
     grid = "rows_vs_grid_sample" in rows[0]
@@ -134,7 +179,7 @@ def print_table(rows) -> None:
         print(line)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--kinds", default="encoder,decoder")
@@ -148,13 +193,31 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (CPU)")
     parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
+    parser.add_argument("--whole-steps", action="store_true",
+                        help="time whole training steps of --models at --precision instead of the module")
+    parser.add_argument("--models", default="deformable", help=f"with --whole-steps: from {deformable_models()}")
+    parser.add_argument("--precision", default="fp32,bf16", help="with --whole-steps: fp32, bf16 (autocast)")
+    args = parser.parse_args(argv)
     check_run_args(parser, args)
     try:
         sizes = [int(s) for s in args.sizes.split(",")]
         kinds = [k for k in args.kinds.split(",") if k]
     except ValueError:
         parser.error(f"--sizes={args.sizes!r} is invalid: use comma-separated integers")
+    if args.whole_steps:
+        if args.device != "cpu":
+            parser.error("--whole-steps compares the CPU's two samplings: use --device cpu")
+        try:
+            models = parse_names(args.models, deformable_models())
+            precisions = parse_names(args.precision, list(PRECISIONS), "--precision")
+        except ValueError as err:
+            parser.error(str(err))
+        if any(s < 64 for s in sizes):
+            parser.error("--sizes must be >= 64")
+        rows = [run_whole_steps(m, s, p, args) for m in models for s in sizes for p in precisions]
+        print_steps(rows)
+        save_results(args, "whole_steps", rows)
+        return
     if any(s < 64 for s in sizes) or not set(kinds) <= {"encoder", "decoder"} or not kinds:
         parser.error("--sizes must be >= 64 and --kinds a subset of encoder,decoder")
     if args.budget_mib <= 0:

@@ -431,3 +431,13 @@ def test_bench_deformable_attention_times_the_row_sums_against_grid_sample(tmp_p
         assert row["rows_vs_grid_sample"] > 0
         # grid_sample keeps its samples for the backward; the row sums keep corner indices and weights only
         assert row["grid_sample_saved_mib"] > row["rows_saved_mib"] == row["unchunked_saved_mib"] > 0
+
+
+def test_bench_deformable_attention_steps_whole_models_with_each_sampling(tmp_path):
+    rows = run_benchmark(tmp_path, "bench_deformable_attention.py", "--whole-steps", "--sizes", "64", "--precision",
+                         "bf16", "--repeats", "2", "--warmup", "0", "--threads", "1")["whole_steps"]
+    assert [(r["model"], r["precision"]) for r in rows] == [("deformable", "bf16")]
+    row = rows[0]
+    assert row["attention_modules"] == 12  # 6 encoder and 6 decoder layers of the bench config
+    paired = sorted(r / g for r, g in zip(row["rows_all_s"], row["grid_sample_all_s"]))
+    assert len(paired) == 2 and row["rows_vs_grid_sample"] == pytest.approx(sum(paired) / 2)
