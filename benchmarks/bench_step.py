@@ -11,6 +11,8 @@ setting x backbone layout) is measured in this one process:
 - layout "nchw" (the default) or "nhwc": both backbones in that memory layout; "shipped": each as its library
   ships it, ours NHWC (``Backbone`` runs channels_last by default) and transformers' NCHW. Same values and FLOPs.
 - roofline: the step's FLOPs (torch.utils.flop_counter) over the best measured matmul rate at that precision.
+- ``--profile N``: after the timing, N steps of each side under torch.profiler; each op's self time per step on
+  both sides, and the share of our profiled step spent in ops both run, each up to the peer's time in it.
 
     python benchmarks/bench_step.py --models detr,conditional,dab --precision fp32,bf16 --json out.json
 
@@ -30,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (LAYOUTS, PRECISIONS, Stopwatch, as_input, autocast, build_ours, build_peer,  # noqa: E402
                                check_run_args, count_flops, make_batch, make_optimizer, matmul_ceiling, median,
-                               our_step, parse_names, patched, peer_step, registered_models, save_results, set_layouts,
-                               step_bench_parser, timed, watching_our_matcher)
+                               our_step, parse_names, patched, peer_step, profile_ops, registered_models, save_results,
+                               set_layouts, shared_share, step_bench_parser, timed, watching_our_matcher)
 
 DROPOUTS = ("default", "matched")
 
@@ -121,6 +123,10 @@ def bench_model(name: str, args, ceilings: dict) -> dict:
                         "peer": lambda: peer_step(peer, peer_opt, peer_in, masks, targets, precision)}
                 row = {"precision": precision, "dropout": dropout, "layout": layout}
                 result["variants"].append(step_row(row, alternate(runs, args, watches), result, ceilings))
+                if args.profile:
+                    profiles = {who: profile_ops(run, args.profile, args.device) for who, run in runs.items()}
+                    row["profile_s"] = profiles
+                    row["profile_shared_share"] = shared_share(profiles["ours"], profiles["peer"])
             set_layouts(ours, any_peer, layout)
             infer = infer_times(ours, any_peer, (ours_in, peer_in), masks, precision, args)
             result["inference"].append({"precision": precision, "layout": layout, **summarise("infer", infer)})
@@ -156,6 +162,18 @@ def print_tables(results) -> None:
                   f"{v['infer_ours_s']:>11.3f}{v['infer_peer_s']:>10.3f}"
                   f"{v['infer_ratio']:>7.2f} ({v['infer_ratio_min']:.2f})")
     print("\nroof = the step's FLOPs at the measured matmul ceiling / the measured step (100% = compute-bound)")
+    for r in results:
+        for v in r["variants"]:
+            if "profile_s" in v:
+                print_profile(f"{r['model']} {v['precision']} dropout {v['dropout']} layout {v['layout']}", v)
+
+
+def print_profile(title: str, row: dict, top: int = 15) -> None:
+    ours, peer = row["profile_s"]["ours"], row["profile_s"]["peer"]
+    print(f"\nprofiled, {title}: ours {1000 * sum(ours.values()):.0f} ms, HF {1000 * sum(peer.values()):.0f} ms "
+          f"per step; {100 * row['profile_shared_share']:.0f}% of ours in ops both run (up to HF's time in each)")
+    for op in sorted(set(ours) | set(peer), key=lambda o: -max(ours.get(o, 0), peer.get(o, 0)))[:top]:
+        print(f"  {op[:60]:<62}{1000 * ours.get(op, 0):>9.1f}{1000 * peer.get(op, 0):>9.1f} ms")
 
 
 def main(argv=None) -> None:
@@ -168,6 +186,8 @@ def main(argv=None) -> None:
     parser.add_argument("--layout", default="nchw",
                         help="comma-separated backbone layouts: nchw, nhwc (both sides), "
                              "shipped (ours NHWC, peer NCHW)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also profile N steps of each side per variant (torch.profiler, self time per op)")
     args = parser.parse_args(argv)
     try:
         names = parse_names(args.models, registered_models(with_peer=True))
@@ -177,6 +197,8 @@ def main(argv=None) -> None:
     except ValueError as err:
         parser.error(str(err))
     check_run_args(parser, args)
+    if args.profile < 0:
+        parser.error("--profile must be >= 0 (steps to profile per side)")
 
     ceilings = {precision: matmul_ceiling(precision, args.device) for precision in args.precision}
     print("matmul ceiling: " + ", ".join(f"{p} {c / 1e9:.0f} GFLOP/s" for p, c in ceilings.items()))

@@ -218,6 +218,27 @@ def round_robin(runs: Dict[str, Callable[[], None]], warmup: int, repeats: int, 
     return times
 
 
+def profile_ops(run: Callable[[], None], calls: int, device: str = "cpu") -> Dict[str, float]:
+    """torch.profiler's self time of each op over ``calls`` calls of ``run``, in seconds per call (device time on
+    CUDA). The profiler's own overhead is in these times: compare them between runs profiled alike."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            run()
+        sync(device)
+    return {event.key: getattr(event, attribute) / 1e6 / calls for event in prof.key_averages()
+            if getattr(event, attribute) > 0}
+
+
+def shared_share(ours: Dict[str, float], peer: Dict[str, float]) -> float:
+    """The share of our profiled time spent in ops the peer also runs, each counted up to the peer's time in it:
+    the part of our step that is the same kernels at no more cost than theirs."""
+    return sum(min(t, peer[op]) for op, t in ours.items() if op in peer) / sum(ours.values())
+
+
 def median(values: List[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

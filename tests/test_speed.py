@@ -441,3 +441,15 @@ def test_bench_deformable_attention_steps_whole_models_with_each_sampling(tmp_pa
     assert row["attention_modules"] == 12  # 6 encoder and 6 decoder layers of the bench config
     paired = sorted(r / g for r, g in zip(row["rows_all_s"], row["grid_sample_all_s"]))
     assert len(paired) == 2 and row["rows_vs_grid_sample"] == pytest.approx(sum(paired) / 2)
+
+
+def test_profile_ops_reports_each_ops_self_time_per_call():
+    from benchmarks.common import profile_ops, shared_share
+
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    ops = profile_ops(lambda: (a @ b).relu(), calls=3)
+    assert ops["aten::mm"] > 0 and ops["aten::clamp_min"] > 0
+    assert "aten::conv2d" not in ops
+    # ours spends 2 s in each of a and b; the peer runs a (1 s) and c, not b: 1 of our 4 s is shared
+    assert shared_share({"a": 2.0, "b": 2.0}, {"a": 1.0, "c": 5.0}) == 0.25
+    assert shared_share({"a": 1.0}, {"a": 3.0}) == 1.0
