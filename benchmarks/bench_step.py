@@ -70,12 +70,13 @@ def alternate(runs: dict, args, watches: dict = None) -> dict:
     return times
 
 
-def summarise(prefix: str, times: dict) -> dict:
-    """Medians (and minima) per side; the ratio is the median of the paired ours/peer ratios, which resists load
-    drift because the two ran back to back."""
+def summarise(prefix: str, times: dict, batch: int) -> dict:
+    """Medians (and minima) per side, and images per second at the median; the ratio is the median of the paired
+    ours/peer ratios, which resists load drift because the two ran back to back."""
     out = {}
     for who in ("ours", "peer"):
         out[f"{prefix}_{who}_s"] = median(times[who])
+        out[f"{prefix}_{who}_images_per_s"] = batch / out[f"{prefix}_{who}_s"]
         out[f"{prefix}_{who}_min_s"] = min(times[who])
         out[f"{prefix}_{who}_all_s"] = times[who]
     out[f"{prefix}_ratio"] = median([o / p for o, p in zip(times["ours"], times["peer"])])
@@ -83,8 +84,8 @@ def summarise(prefix: str, times: dict) -> dict:
     return out
 
 
-def step_row(row: dict, times: dict, result: dict, ceilings: dict) -> dict:
-    row.update(summarise("step", times))
+def step_row(row: dict, times: dict, result: dict, ceilings: dict, batch: int) -> dict:
+    row.update(summarise("step", times, batch))
     for who in ("ours", "peer"):
         row[f"matching_share_{who}"] = median([m / s for m, s in zip(times[f"{who}_watched"], times[who])])
         # The step at the matmul ceiling, and how close the measured step comes to it.
@@ -122,14 +123,15 @@ def bench_model(name: str, args, ceilings: dict) -> dict:
                 runs = {"ours": lambda: our_step(ours, criterion, our_opt, ours_in, masks, targets, precision),
                         "peer": lambda: peer_step(peer, peer_opt, peer_in, masks, targets, precision)}
                 row = {"precision": precision, "dropout": dropout, "layout": layout}
-                result["variants"].append(step_row(row, alternate(runs, args, watches), result, ceilings))
+                result["variants"].append(step_row(row, alternate(runs, args, watches), result, ceilings, args.batch))
                 if args.profile:
                     profiles = {who: profile_ops(run, args.profile, args.device) for who, run in runs.items()}
                     row["profile_s"] = profiles
                     row["profile_shared_share"] = shared_share(profiles["ours"], profiles["peer"])
             set_layouts(ours, any_peer, layout)
             infer = infer_times(ours, any_peer, (ours_in, peer_in), masks, precision, args)
-            result["inference"].append({"precision": precision, "layout": layout, **summarise("infer", infer)})
+            result["inference"].append({"precision": precision, "layout": layout,
+                                        **summarise("infer", infer, args.batch)})
             ours.train(), any_peer.train()
     equal = [r for r in result["variants"] if r["dropout"] == "matched"] or result["variants"]
     result["step_ratio"] = equal[0]["step_ratio"]  # ours/peer at equal settings (dropout matched)
@@ -148,19 +150,22 @@ def infer_times(ours, peer, images: tuple, masks, precision: str, args) -> dict:
 def print_tables(results) -> None:
     """Medians in seconds; ratio = median over repeats of ours/peer (ratio of the minima)."""
     print(f"{'model':<12}{'prec':<6}{'dropout':<9}{'layout':<8}{'step ours':>9}{'step HF':>9}{'ratio':>13}"
-          f"{'roof ours':>10}{'roof HF':>9}{'match% ours':>12}{'HF':>7}")
+          f"{'roof ours':>10}{'roof HF':>9}{'match% ours':>12}{'HF':>7}{'img/s ours':>11}{'HF':>7}")
     for r in results:
         for v in r["variants"]:
             print(f"{r['model']:<12}{v['precision']:<6}{v['dropout']:<9}{v['layout']:<8}"
                   f"{v['step_ours_s']:>9.3f}{v['step_peer_s']:>9.3f}{v['step_ratio']:>7.2f} ({v['step_ratio_min']:.2f})"
                   f"{100 * v['roofline_share_ours']:>9.0f}%{100 * v['roofline_share_peer']:>8.0f}%"
-                  f"{100 * v['matching_share_ours']:>11.2f}%{100 * v['matching_share_peer']:>6.2f}%")
-    print(f"\n{'model':<12}{'prec':<6}{'layout':<8}{'infer ours':>11}{'infer HF':>10}{'ratio':>13}")
+                  f"{100 * v['matching_share_ours']:>11.2f}%{100 * v['matching_share_peer']:>6.2f}%"
+                  f"{v['step_ours_images_per_s']:>11.1f}{v['step_peer_images_per_s']:>7.1f}")
+    print(f"\n{'model':<12}{'prec':<6}{'layout':<8}{'infer ours':>11}{'infer HF':>10}{'ratio':>13}"
+          f"{'img/s ours':>11}{'HF':>7}")
     for r in results:
         for v in r["inference"]:
             print(f"{r['model']:<12}{v['precision']:<6}{v['layout']:<8}"
                   f"{v['infer_ours_s']:>11.3f}{v['infer_peer_s']:>10.3f}"
-                  f"{v['infer_ratio']:>7.2f} ({v['infer_ratio_min']:.2f})")
+                  f"{v['infer_ratio']:>7.2f} ({v['infer_ratio_min']:.2f})"
+                  f"{v['infer_ours_images_per_s']:>11.1f}{v['infer_peer_images_per_s']:>7.1f}")
     print("\nroof = the step's FLOPs at the measured matmul ceiling / the measured step (100% = compute-bound)")
     for r in results:
         for v in r["variants"]:

@@ -453,3 +453,49 @@ def test_profile_ops_reports_each_ops_self_time_per_call():
     # ours spends 2 s in each of a and b; the peer runs a (1 s) and c, not b: 1 of our 4 s is shared
     assert shared_share({"a": 2.0, "b": 2.0}, {"a": 1.0, "c": 5.0}) == 0.25
     assert shared_share({"a": 1.0}, {"a": 3.0}) == 1.0
+
+
+def run_gpu_script(tmp_path, **settings):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO_ROOT
+
+    env = dict(os.environ, PYTHON=sys.executable, **settings)
+    return subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp_path / "results")], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_script_refuses_a_machine_without_cuda(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: the script would run")
+    result = run_gpu_script(tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
+    assert "sees no CUDA device" in result.stderr and not (tmp_path / "results").exists()
+
+
+@pytest.mark.slow
+def test_gpu_script_writes_every_benchmark(tmp_path):
+    """The GPU script's plumbing, tried on the CPU at toy sizes: each benchmark's JSON with images per second."""
+    import json
+
+    pytest.importorskip("transformers", reason="the bench extra (transformers) is not installed: make bench")
+    result = run_gpu_script(tmp_path, BENCH_DEVICE="cpu", BENCH_SIZE="64", BENCH_BATCH="2", BENCH_REPEATS="1",
+                            BENCH_WARMUP="0", BENCH_DEFORMABLE_SIZES="64")
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = tmp_path / "results"
+    step = json.loads((folder / "step.json").read_text())
+    assert step["environment"]["device"] == "cpu"
+    models = step["results"]["models"]
+    assert {m["model"] for m in models} == {"detr", "conditional", "dab", "deformable"}
+    for model in models:
+        assert [(v["precision"], v["dropout"], v["layout"]) for v in model["variants"]] == [
+            ("fp32", "matched", "shipped"), ("bf16", "matched", "shipped")]
+        for row in model["variants"]:
+            assert row["step_ours_images_per_s"] == pytest.approx(2 / row["step_ours_s"])
+    dn = json.loads((folder / "dn.json").read_text())
+    assert dn["args"]["precision"] == "bf16" and dn["args"]["size"] == 64
+    deformable = json.loads((folder / "deformable_attention.json").read_text())
+    assert [r["kind"] for r in deformable["rows"]] == ["encoder", "decoder"]
