@@ -41,7 +41,6 @@ def variants(batch: int, size: int, precision: str) -> dict:
     grad = None
 
     def step(forward, layout):
-        nonlocal grad
         inputs = images.contiguous(memory_format=layout)
 
         def run():

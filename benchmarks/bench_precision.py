@@ -68,7 +68,8 @@ def main() -> None:
                 times[precision].append(time.perf_counter() - start)
     fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
     print(f"{args.model}, batch {cfg.data.batch_size} at {cfg.data.val_size} px, {args.threads} thread(s), "
-          f"{args.repeats} round-robin repeats: fp32 {fp32:.3f} s, bf16 {bf16:.3f} s per step, bf16/fp32 {bf16 / fp32:.2f}")
+          f"{args.repeats} round-robin repeats: fp32 {fp32:.3f} s, bf16 {bf16:.3f} s per step, "
+          f"bf16/fp32 {bf16 / fp32:.2f}")
 
 
 if __name__ == "__main__":
