@@ -69,7 +69,8 @@ class ModelConfig:
         check_choice("model.activation", self.activation, ("relu", "prelu", "gelu"))
         for key in ("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries", "num_select"):
             check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
-        check(self.hidden_dim % self.nheads == 0, "model.hidden_dim", self.hidden_dim, "must be divisible by model.nheads")
+        check(self.hidden_dim % self.nheads == 0, "model.hidden_dim", self.hidden_dim,
+              "must be divisible by model.nheads")
         check(self.hidden_dim % 2 == 0, "model.hidden_dim", self.hidden_dim, "must be even (sine encoding)")
         check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
         check(self.pe_temperature > 0, "model.pe_temperature", self.pe_temperature, "must be > 0")
@@ -115,7 +116,8 @@ class MatcherConfig:
         for key in ("cost_class", "cost_bbox", "cost_giou", "position_beta"):
             check(getattr(self, key) >= 0, f"matcher.{key}", getattr(self, key), "must be >= 0")
         costs = (self.cost_class, self.cost_bbox, self.cost_giou)
-        check(any(c > 0 for c in costs), "matcher.cost_class/cost_bbox/cost_giou", costs, "at least one cost must be > 0")
+        check(any(c > 0 for c in costs), "matcher.cost_class/cost_bbox/cost_giou", costs,
+              "at least one cost must be > 0")
 
 
 @dataclass
@@ -218,7 +220,8 @@ class TrainerConfig:
         check_choice("trainer.device", self.device, ("auto", "cpu", "cuda"))
         check_choice("trainer.precision", self.precision, ("fp32", "bf16", "fp16", "auto"))
         check(self.eval_every >= 1, "trainer.eval_every", self.eval_every, "must be >= 1")
-        check(self.checkpoint_every_iters >= 0, "trainer.checkpoint_every_iters", self.checkpoint_every_iters, "must be >= 0")
+        check(self.checkpoint_every_iters >= 0, "trainer.checkpoint_every_iters", self.checkpoint_every_iters,
+              "must be >= 0")
         check(self.threads >= 0, "trainer.threads", self.threads, "must be >= 0")
 
 

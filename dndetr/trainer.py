@@ -301,7 +301,7 @@ class Trainer:
 
     def finish_epoch(self) -> dict:
         """Evaluate and record the trained epoch, log it, and commit it."""
-        cfg, epoch, pending = self.cfg, self.epoch, self.pending
+        epoch, pending = self.epoch, self.pending
         losses = dict(pending["losses"])
         row = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"], "train_loss": losses.pop("loss", None)}
         row.update(losses)

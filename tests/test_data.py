@@ -409,7 +409,7 @@ def test_empty_image_and_many_objects(tmp_path):
     boxes = [(x, y, 3, 2) for x in range(0, 500, 20) for y in range(0, 400, 20)]
     write_coco(tmp_path, [ann(i + 1, image_id=2, bbox=box) for i, box in enumerate(boxes)], size=(510, 410))
     dataset = CocoDetection(tmp_path, "train2017", build_transforms(DataConfig(**CPU_DATA), train=False))
-    (empty_image, empty), (image, crowded) = dataset[0], dataset[1]
+    (_, empty), (_, crowded) = dataset[0], dataset[1]
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
     assert len(boxes) == 500 and crowded["boxes"].shape == (500, 4)
     assert ((crowded["boxes"] >= 0) & (crowded["boxes"] <= 1)).all()
