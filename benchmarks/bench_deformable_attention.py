@@ -160,6 +160,20 @@ def print_steps(rows) -> None:
               f"{r['rows_vs_grid_sample']:>11.3f}")
 
 
+def whole_steps(parser, args, sizes) -> None:
+    """--whole-steps: every model x size x precision, printed and saved under "whole_steps"."""
+    if args.device != "cpu":
+        parser.error("--whole-steps compares the CPU's two samplings: use --device cpu")
+    try:
+        models = parse_names(args.models, deformable_models())
+        precisions = parse_names(args.precision, list(PRECISIONS), "--precision")
+    except ValueError as err:
+        parser.error(str(err))
+    rows = [run_whole_steps(m, s, p, args) for m in models for s in sizes for p in precisions]
+    print_steps(rows)
+    save_results(args, "whole_steps", rows)
+
+
 def print_table(rows) -> None:
     peak = "peak_mib" in " ".join(rows[0])
     grid = "rows_vs_grid_sample" in rows[0]
@@ -204,22 +218,13 @@ def main(argv=None) -> None:
         kinds = [k for k in args.kinds.split(",") if k]
     except ValueError:
         parser.error(f"--sizes={args.sizes!r} is invalid: use comma-separated integers")
+    if any(s < 64 for s in sizes):
+        parser.error("--sizes must be >= 64")
     if args.whole_steps:
-        if args.device != "cpu":
-            parser.error("--whole-steps compares the CPU's two samplings: use --device cpu")
-        try:
-            models = parse_names(args.models, deformable_models())
-            precisions = parse_names(args.precision, list(PRECISIONS), "--precision")
-        except ValueError as err:
-            parser.error(str(err))
-        if any(s < 64 for s in sizes):
-            parser.error("--sizes must be >= 64")
-        rows = [run_whole_steps(m, s, p, args) for m in models for s in sizes for p in precisions]
-        print_steps(rows)
-        save_results(args, "whole_steps", rows)
+        whole_steps(parser, args, sizes)
         return
-    if any(s < 64 for s in sizes) or not set(kinds) <= {"encoder", "decoder"} or not kinds:
-        parser.error("--sizes must be >= 64 and --kinds a subset of encoder,decoder")
+    if not set(kinds) <= {"encoder", "decoder"} or not kinds:
+        parser.error("--kinds must be a subset of encoder,decoder")
     if args.budget_mib <= 0:
         parser.error("--budget-mib must be > 0")
     if args.d_model < 8 or args.d_model % 8:
