@@ -12,7 +12,8 @@ setting x backbone layout) is measured in this one process:
   ships it, ours NHWC (``Backbone`` runs channels_last by default) and transformers' NCHW. Same values and FLOPs.
 - roofline: the step's FLOPs (torch.utils.flop_counter) over the best measured matmul rate at that precision.
 - ``--profile N``: after the timing, N steps of each side under torch.profiler; each op's self time per step on
-  both sides, and the share of our profiled step spent in ops both run, each up to the peer's time in it.
+  both sides, and the share of our profiled step spent in ops both run, each up to the peer's time in it; and
+  each side's matmuls (mm, addmm, bmm) in time, FLOPs and FLOP/s, in all and per operand shape.
 
     python benchmarks/bench_step.py --models detr,conditional,dab --precision fp32,bf16 --json out.json
 
@@ -36,6 +37,7 @@ from benchmarks.common import (LAYOUTS, PRECISIONS, Stopwatch, as_input, autocas
                                set_layouts, shared_share, step_bench_parser, timed, watching_our_matcher)
 
 DROPOUTS = ("default", "matched")
+SIDE_NAMES = {"ours": "ours", "peer": "HF"}
 
 
 def peer_matchers():
@@ -126,8 +128,9 @@ def bench_model(name: str, args, ceilings: dict) -> dict:
                 result["variants"].append(step_row(row, alternate(runs, args, watches), result, ceilings, args.batch))
                 if args.profile:
                     profiles = {who: profile_ops(run, args.profile, args.device) for who, run in runs.items()}
-                    row["profile_s"] = profiles
-                    row["profile_shared_share"] = shared_share(profiles["ours"], profiles["peer"])
+                    row["profile_s"] = {who: ops for who, (ops, _) in profiles.items()}
+                    row["profile_matmuls"] = {who: matmuls for who, (_, matmuls) in profiles.items()}
+                    row["profile_shared_share"] = shared_share(row["profile_s"]["ours"], row["profile_s"]["peer"])
             set_layouts(ours, any_peer, layout)
             infer = infer_times(ours, any_peer, (ours_in, peer_in), masks, precision, args)
             result["inference"].append({"precision": precision, "layout": layout,
@@ -147,7 +150,7 @@ def infer_times(ours, peer, images: tuple, masks, precision: str, args) -> dict:
         return alternate(forwards, args)
 
 
-def print_tables(results) -> None:
+def print_tables(results, ceilings: dict) -> None:
     """Medians in seconds; ratio = median over repeats of ours/peer (ratio of the minima)."""
     print(f"{'model':<12}{'prec':<6}{'dropout':<9}{'layout':<8}{'step ours':>9}{'step HF':>9}{'ratio':>13}"
           f"{'roof ours':>10}{'roof HF':>9}{'match% ours':>12}{'HF':>7}{'img/s ours':>11}{'HF':>7}")
@@ -170,15 +173,24 @@ def print_tables(results) -> None:
     for r in results:
         for v in r["variants"]:
             if "profile_s" in v:
-                print_profile(f"{r['model']} {v['precision']} dropout {v['dropout']} layout {v['layout']}", v)
+                print_profile(f"{r['model']} {v['precision']} dropout {v['dropout']} layout {v['layout']}", v,
+                              ceilings[v["precision"]])
 
 
-def print_profile(title: str, row: dict, top: int = 15) -> None:
+def print_profile(title: str, row: dict, ceiling: float, top: int = 15) -> None:
     ours, peer = row["profile_s"]["ours"], row["profile_s"]["peer"]
     print(f"\nprofiled, {title}: ours {1000 * sum(ours.values()):.0f} ms, HF {1000 * sum(peer.values()):.0f} ms "
           f"per step; {100 * row['profile_shared_share']:.0f}% of ours in ops both run (up to HF's time in each)")
     for op in sorted(set(ours) | set(peer), key=lambda o: -max(ours.get(o, 0), peer.get(o, 0)))[:top]:
         print(f"  {op[:60]:<62}{1000 * ours.get(op, 0):>9.1f}{1000 * peer.get(op, 0):>9.1f} ms")
+    matmuls = row["profile_matmuls"]
+    rates = [f"{SIDE_NAMES[who]} {1000 * m['s']:.0f} ms at {m['flop_per_s'] / 1e9:.0f} GFLOP/s"
+             for who, m in matmuls.items()]
+    print(f"  matmuls (mm, addmm, bmm): {', '.join(rates)}; ours' five costliest shapes (the ceiling: "
+          f"{ceiling / 1e9:.0f} GFLOP/s):")
+    for shape in matmuls["ours"]["by_shape"][:5]:
+        print(f"    {shape['op'][6:]:<6}{str(shape['shapes'])[:60]:<62}{1000 * shape['s']:>9.1f} ms "
+              f"x{shape['calls']:<4.0f}{shape['flop_per_s'] / 1e9:>6.0f} GFLOP/s")
 
 
 def main(argv=None) -> None:
@@ -210,9 +222,9 @@ def main(argv=None) -> None:
     results = []
     for name in names:
         results.append(bench_model(name, args, ceilings))
-        print_tables(results[-1:])
+        print_tables(results[-1:], ceilings)
         print()
-    print_tables(results)
+    print_tables(results, ceilings)
     save_results(args, "results", {"matmul_ceiling_flops": ceilings, "models": results})
 
 

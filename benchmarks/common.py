@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import statistics
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -218,19 +219,47 @@ def round_robin(runs: Dict[str, Callable[[], None]], warmup: int, repeats: int, 
     return times
 
 
-def profile_ops(run: Callable[[], None], calls: int, device: str = "cpu") -> Dict[str, float]:
+def profile_ops(run: Callable[[], None], calls: int, device: str = "cpu") -> Tuple[Dict[str, float], dict]:
     """torch.profiler's self time of each op over ``calls`` calls of ``run``, in seconds per call (device time on
-    CUDA). The profiler's own overhead is in these times: compare them between runs profiled alike."""
+    CUDA), and :func:`matmul_rates` of the same profile. The profiler's own overhead is in these times: compare them
+    between runs profiled alike."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(calls):
             run()
         sync(device)
-    return {event.key: getattr(event, attribute) / 1e6 / calls for event in prof.key_averages()
-            if getattr(event, attribute) > 0}
+    ops = {event.key: getattr(event, attribute) / 1e6 / calls for event in prof.key_averages()
+           if getattr(event, attribute) > 0}
+    return ops, matmul_rates(prof.key_averages(group_by_input_shape=True), attribute, calls)
+
+
+# (first operand, second operand) of each profiled matmul op: addmm's first input is the bias.
+MATMUL_OPERANDS = {"aten::mm": (0, 1), "aten::addmm": (1, 2), "aten::bmm": (0, 1)}
+
+
+def matmul_flops(op: str, shapes: List[List[int]]) -> int:
+    """FLOPs of one call: [.., m, k] @ [.., k, n] is 2 m k n per batch entry."""
+    first, second = (shapes[i] for i in MATMUL_OPERANDS[op])
+    return 2 * math.prod(first) * second[-1]
+
+
+def matmul_rates(events, attribute: str, calls: int) -> dict:
+    """The profiled matmuls (mm, addmm, bmm) per call of the run: seconds, FLOPs and FLOP/s in all and per operand
+    shape, the costliest first; shows how far below the 2048^3 ceiling a step's own matmul shapes run."""
+    rows = []
+    for event in events:
+        seconds = getattr(event, attribute) / 1e6 / calls
+        if event.key in MATMUL_OPERANDS and seconds > 0:
+            flops = matmul_flops(event.key, event.input_shapes) * event.count / calls
+            rows.append({"op": event.key, "shapes": event.input_shapes, "calls": event.count / calls,
+                         "s": seconds, "flops": flops, "flop_per_s": flops / seconds})
+    rows.sort(key=lambda row: -row["s"])
+    seconds, flops = sum(row["s"] for row in rows), sum(row["flops"] for row in rows)
+    return {"s": seconds, "flops": flops, "flop_per_s": flops / seconds if seconds else float("nan"),
+            "by_shape": rows}
 
 
 def shared_share(ours: Dict[str, float], peer: Dict[str, float]) -> float:

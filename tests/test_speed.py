@@ -446,10 +446,22 @@ def test_bench_deformable_attention_steps_whole_models_with_each_sampling(tmp_pa
 def test_profile_ops_reports_each_ops_self_time_per_call():
     from benchmarks.common import profile_ops, shared_share
 
-    a, b = torch.randn(64, 64), torch.randn(64, 64)
-    ops = profile_ops(lambda: (a @ b).relu(), calls=3)
+    a, b, bias = torch.randn(64, 32), torch.randn(32, 16), torch.randn(16)
+    x, y = torch.randn(3, 8, 5), torch.randn(3, 5, 7)
+    ops, matmuls = profile_ops(lambda: ((a @ b).relu(), torch.addmm(bias, a, b), a @ b, torch.bmm(x, y)), calls=3)
     assert ops["aten::mm"] > 0 and ops["aten::clamp_min"] > 0
     assert "aten::conv2d" not in ops
+    # the matmuls by operand shapes: mm twice per call, addmm (its bias not an operand) and bmm once; 2 m k n each
+    found = {(row["op"], str(row["shapes"])): row for row in matmuls["by_shape"]}
+    expected = {("aten::mm", "[[64, 32], [32, 16]]"): (2, 2 * 2 * 64 * 32 * 16),
+                ("aten::addmm", "[[16], [64, 32], [32, 16], [], []]"): (1, 2 * 64 * 32 * 16),
+                ("aten::bmm", "[[3, 8, 5], [3, 5, 7]]"): (1, 2 * 3 * 8 * 5 * 7)}
+    assert set(found) == set(expected)
+    for key, (calls, flops) in expected.items():
+        assert found[key]["calls"] == calls and found[key]["flops"] == flops
+        assert found[key]["flop_per_s"] == pytest.approx(flops / found[key]["s"])
+    assert matmuls["flops"] == sum(flops for _, flops in expected.values())
+    assert matmuls["s"] == pytest.approx(ops["aten::mm"] + ops["aten::addmm"] + ops["aten::bmm"])
     # ours spends 2 s in each of a and b; the peer runs a (1 s) and c, not b: 1 of our 4 s is shared
     assert shared_share({"a": 2.0, "b": 2.0}, {"a": 1.0, "c": 5.0}) == 0.25
     assert shared_share({"a": 1.0}, {"a": 3.0}) == 1.0
