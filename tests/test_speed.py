@@ -493,7 +493,8 @@ def test_gpu_script_writes_every_benchmark(tmp_path):
     """The GPU script's plumbing, tried on the CPU at toy sizes: each benchmark's JSON with images per second."""
     import json
 
-    pytest.importorskip("transformers", reason="the bench extra (transformers) is not installed: make bench")
+    pytest.importorskip("transformers", reason="transformers (in the test extra) is not installed: "
+                                               "pip install -e .[test]")
     result = run_gpu_script(tmp_path, BENCH_DEVICE="cpu", BENCH_SIZE="64", BENCH_BATCH="2", BENCH_REPEATS="1",
                             BENCH_WARMUP="0", BENCH_DEFORMABLE_SIZES="64")
     assert result.returncode == 0, result.stderr[-2000:]
