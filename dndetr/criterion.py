@@ -42,62 +42,78 @@ class SetCriterion(nn.Module):
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
     def class_loss(self, logits: torch.Tensor, target_classes: torch.Tensor, normaliser: float) -> torch.Tensor:
-        """logits [B,Q,K]; target_classes [B,Q] with num_classes meaning no object. The stable loss's plain
-        form (for fixed targets such as DN's) is the focal loss."""
-        if self.cfg.class_loss == "ce":
-            return F.cross_entropy(logits.transpose(1, 2), target_classes, self.empty_weight.to(logits.dtype))
+        """Per layer [L]: logits [L, ..., K]; target_classes [L, ...] with num_classes meaning no object. The
+        stable loss's plain form (for fixed targets such as DN's) is the focal loss."""
+        if self.cfg.class_loss == "ce":  # DETR's weighted mean over each layer's queries
+            weight = self.empty_weight.to(logits.dtype)
+            weighted = F.cross_entropy(logits.movedim(-1, 1), target_classes, weight, reduction="none")
+            return weighted.flatten(1).sum(1) / weight.to(weighted.dtype)[target_classes].flatten(1).sum(1)
         onehot = F.one_hot(target_classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
-        return sigmoid_focal_loss(logits, onehot, self.cfg.focal_alpha, self.cfg.focal_gamma, "sum") / normaliser
+        focal = sigmoid_focal_loss(logits, onehot, self.cfg.focal_alpha, self.cfg.focal_gamma, "none")
+        return focal.flatten(1).sum(1) / normaliser
 
     def box_losses(self, pred: torch.Tensor, target: torch.Tensor, normaliser: float):
-        """L1 and 1 - GIoU of paired cxcywh boxes, summed and normalised."""
-        l1 = F.l1_loss(pred, target, reduction="sum") / normaliser
+        """L1 and 1 - GIoU of paired cxcywh boxes [L, N, 4], summed per layer ([L] each) and normalised."""
+        l1 = F.l1_loss(pred, target, reduction="none").flatten(1).sum(1) / normaliser
         giou = paired_generalized_box_iou(cxcywh_to_xyxy(pred), cxcywh_to_xyxy(target), self.cfg.giou_eps)
-        return l1, (1 - giou).sum() / normaliser
+        return l1, (1 - giou).sum(1) / normaliser
 
     def matching_losses(self, outputs: dict, targets: List[dict], num_boxes: float,
                         indices=None) -> Dict[str, torch.Tensor]:
         """Hungarian losses of one layer's outputs; ``indices`` is that layer's assignment, if already matched."""
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        return self.layers_matching_losses([outputs], targets, num_boxes, None if indices is None else [indices])[0]
+
+    def layers_matching_losses(self, layers: List[dict], targets: List[dict], num_boxes: float,
+                               indices=None) -> List[Dict[str, torch.Tensor]]:
+        """Hungarian losses of several decoder layers (same batch and query count), each layer's terms as if
+        computed alone: one batched matching with one host transfer (``HungarianMatcher.match_layers``), then
+        every layer's terms from one set of ops, since each layer has the same number of matched pairs
+        (min(Q, n_b) per image)."""
         if indices is None:
-            indices = self.matcher(outputs, targets)
-        image = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(logits.device)
-        query = torch.cat([q for q, _ in indices]).to(logits.device)
-        matched_labels = torch.cat([t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)])
-        matched_boxes = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)])
-        target_classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        target_classes[image, query] = matched_labels
-        l1, giou = self.box_losses(boxes[image, query], matched_boxes, num_boxes)
+            indices = self.matcher.match_layers(layers, targets)
+        logits = torch.stack([out["pred_logits"] for out in layers])
+        boxes = torch.stack([out["pred_boxes"] for out in layers])
+        device = logits.device
+        first_target = torch.tensor([0] + [len(t["labels"]) for t in targets[:-1]]).cumsum(0).tolist()
+        image = torch.stack([torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(ix)]) for ix in indices])
+        query = torch.stack([torch.cat([q for q, _ in ix]) for ix in indices])
+        target = torch.stack([torch.cat([j + first_target[b] for b, (_, j) in enumerate(ix)]) for ix in indices])
+        image, query, target = image.to(device), query.to(device), target.to(device)
+        layer = torch.arange(len(layers), device=device)[:, None].expand_as(image)
+        matched_labels = torch.cat([t["labels"] for t in targets])[target]  # [L, N]
+        matched_boxes = torch.cat([t["boxes"] for t in targets])[target]
+        matched_pred = boxes[layer, image, query]
+        l1, giou = self.box_losses(matched_pred, matched_boxes, num_boxes)
         if self.cfg.class_loss == "stable":
-            ious = paired_box_iou(cxcywh_to_xyxy(boxes[image, query]), cxcywh_to_xyxy(matched_boxes), self.cfg.giou_eps)
+            ious = paired_box_iou(cxcywh_to_xyxy(matched_pred), cxcywh_to_xyxy(matched_boxes), self.cfg.giou_eps)
             class_term = self.stable_class_loss(logits, image, query, matched_labels, ious, num_boxes)
         else:
+            target_classes = torch.full(logits.shape[:3], self.num_classes, dtype=torch.int64, device=device)
+            target_classes[layer, image, query] = matched_labels
             class_term = self.class_loss(logits, target_classes, num_boxes)
-        return {"loss_ce": class_term, "loss_bbox": l1, "loss_giou": giou}
-
-    def layers_matching_losses(self, layers: List[dict], targets: List[dict],
-                               num_boxes: float) -> List[Dict[str, torch.Tensor]]:
-        """``matching_losses`` of several decoder layers (same batch and query count): their cost matrices are
-        computed in one batched pass with one host transfer (``HungarianMatcher.match_layers``)."""
-        indices = self.matcher.match_layers(layers, targets)
-        return [self.matching_losses(out, targets, num_boxes, ix) for out, ix in zip(layers, indices)]
+        return [{"loss_ce": class_term[i], "loss_bbox": l1[i], "loss_giou": giou[i]} for i in range(len(layers))]
 
     def stable_class_loss(self, logits, image, query, labels, ious, normaliser: float) -> torch.Tensor:
-        """Stable-DINO's position-supervised loss: a matched (query, class) entry's target is t = IoU^power,
-        rescaled per image so that its best positive has target >= 1 (t * max(1, 1 / max t)), detached;
-        positives weigh alpha |t - p|^gamma BCE(p, t), every other entry (1 - alpha) p^gamma BCE(p, 0)."""
+        """Stable-DINO's position-supervised loss per layer [L] (logits [L, B, Q, K]; the matched pairs' image,
+        query, label and IoU [L, N]): a matched (query, class) entry's target is t = IoU^power, rescaled per layer
+        and image so that its best positive has target >= 1 (t * max(1, 1 / max t)), detached; positives weigh
+        alpha |t - p|^gamma BCE(p, t), every other entry (1 - alpha) p^gamma BCE(p, 0)."""
         alpha, gamma = self.cfg.focal_alpha, self.cfg.focal_gamma
-        target = ious.detach() ** self.cfg.stable_power
-        best = target.new_zeros(logits.shape[0]).scatter_reduce(0, image, target, "amax", include_self=False)
-        target = target * (1 / best.clamp(min=1e-12)).clamp(min=1)[image]
+        num_layers, batch_size = logits.shape[:2]
+        layer = torch.arange(num_layers, device=logits.device)[:, None].expand_as(image)
+        layer_image = (layer * batch_size + image).flatten()
+        target = ious.detach().flatten() ** self.cfg.stable_power
+        best = target.new_zeros(num_layers * batch_size).scatter_reduce(0, layer_image, target, "amax",
+                                                                        include_self=False)
+        target = (target * (1 / best.clamp(min=1e-12)).clamp(min=1)[layer_image]).view_as(image)
         targets = torch.zeros_like(logits)
-        targets[image, query, labels] = target.to(logits.dtype)
+        targets[layer, image, query, labels] = target.to(logits.dtype)
         positive = torch.zeros_like(logits, dtype=torch.bool)
-        positive[image, query, labels] = True
+        positive[layer, image, query, labels] = True
         prob = logits.sigmoid()
         weight = torch.where(positive, alpha * (targets - prob).abs() ** gamma, (1 - alpha) * prob ** gamma)
         bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-        return (weight * bce).sum() / normaliser
+        return (weight * bce).flatten(1).sum(1) / normaliser
 
     def forward(self, outputs: dict, targets: List[dict]) -> Dict[str, torch.Tensor]:
         """Weighted loss terms (``loss_ce``, ``loss_bbox_0``, ``dn_loss_giou``, ...); the training loss is their sum.

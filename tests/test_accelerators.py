@@ -397,7 +397,8 @@ def test_stable_loss_targets_are_rescaled_squared_ious():
     logits = torch.randn(2, 3, 4)
     image, query, labels = torch.tensor([0, 0, 1]), torch.tensor([0, 2, 1]), torch.tensor([1, 3, 0])
     ious = torch.tensor([0.5, 0.25, 0.4])
-    loss = criterion.stable_class_loss(logits, image, query, labels, ious, normaliser=2.0)
+    one_layer = [tensor[None] for tensor in (logits, image, query, labels, ious)]
+    (loss,) = criterion.stable_class_loss(*one_layer, normaliser=2.0)
     p = logits.sigmoid()
     expected = 0.0
     targets = {(0, 0, 1): 1.0, (0, 2, 3): 0.25, (1, 1, 0): 1.0}

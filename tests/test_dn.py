@@ -207,8 +207,9 @@ def test_dn_loss_terms_normalisation_and_weight():
     assert {k for k in losses if k.startswith("dn_")} == {
         f"dn_loss_{term}{suffix}" for term in ("ce", "bbox", "giou") for suffix in ("", "_0")}
     dn = dn_outputs(out)
-    l1 = (dn["pred_boxes"][-1][dn["image"], dn["slot"]] - dn["boxes"]).abs().sum() / 15  # 5 objects x 3 groups
-    assert torch.allclose(losses["dn_loss_bbox"], criterion.weights["loss_bbox"] * l1)
+    for layer, suffix in ((-1, ""), (0, "_0")):  # computed together, each layer its own
+        l1 = (dn["pred_boxes"][layer][dn["image"], dn["slot"]] - dn["boxes"]).abs().sum() / 15  # 5 objects x 3
+        assert torch.allclose(losses["dn_loss_bbox" + suffix], criterion.weights["loss_bbox"] * l1)
     model.plugins["dn"].cfg.loss_weight = 0.5
     halved = criterion(out, targets)
     for key, value in losses.items():

@@ -69,7 +69,7 @@ def test_giou_epsilon_matters_for_small_boxes_and_vanishes_at_zero():
     loss = LossConfig(class_loss="focal", giou_eps=1e-6)
     criterion = SetCriterion(HungarianMatcher(MatcherConfig(cost_class=0, cost_bbox=0, cost_giou=1), loss), 3, loss)
     boxes = lambda xyxy: torch.cat(((xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]), dim=1)  # noqa: E731
-    _, giou_loss = criterion.box_losses(boxes(pred), boxes(target), 1.0)
+    _, giou_loss = criterion.box_losses(boxes(pred)[None], boxes(target)[None], 1.0)  # one layer
     assert giou_loss.item() == pytest.approx(1 - with_eps.item(), abs=1e-6)
     cost = criterion.matcher.cost_matrices({"pred_logits": torch.zeros(1, 1, 3), "pred_boxes": boxes(pred)[None]},
                                            [{"labels": torch.tensor([1]), "boxes": boxes(target)}])[0]

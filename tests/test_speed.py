@@ -295,6 +295,59 @@ def test_criterion_batched_matching_gives_the_per_layer_losses(class_loss):
         assert torch.equal(batched[name], per_layer[name]), name
 
 
+def reference_layer_losses(criterion, out, targets, indices, num_boxes):
+    """One layer's Hungarian losses written out image by image with torch's and torchvision's per-layer
+    reductions (the criterion's form before it computed all layers at once)."""
+    from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
+
+    logits, boxes = out["pred_logits"], out["pred_boxes"]
+    image = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)])
+    query = torch.cat([q for q, _ in indices])
+    labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)])
+    target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+    classes = torch.full(logits.shape[:2], criterion.num_classes, dtype=torch.int64)
+    classes[image, query] = labels
+    if criterion.cfg.class_loss == "ce":
+        class_term = F.cross_entropy(logits.transpose(1, 2), classes, criterion.empty_weight)
+    else:
+        onehot = F.one_hot(classes, criterion.num_classes + 1)[..., :-1].float()
+        class_term = sigmoid_focal_loss(logits, onehot, criterion.cfg.focal_alpha, criterion.cfg.focal_gamma,
+                                        "sum") / num_boxes
+    pred = boxes[image, query]
+    xyxy = lambda b: box_convert(b, "cxcywh", "xyxy")  # noqa: E731
+    giou = generalized_box_iou(xyxy(pred), xyxy(target_boxes)).diagonal()
+    return {"loss_ce": class_term, "loss_bbox": F.l1_loss(pred, target_boxes, reduction="sum") / num_boxes,
+            "loss_giou": (1 - giou).sum() / num_boxes}
+
+
+@pytest.mark.parametrize("class_loss", ["ce", "focal", "stable"])
+@pytest.mark.parametrize("counts", [(2, 0, 4), (0, 0, 0), (9, 1, 3)])
+def test_all_layers_losses_at_once_equal_each_layer_alone(class_loss, counts):
+    """The criterion computes every layer's terms in one set of ops; each must equal that layer's loss computed
+    alone: the per-layer formulas for CE and focal, the one-layer form for Stable-DINO's loss (whose per-image
+    rescaling must stay within a layer). 9 targets against 7 queries: some objects stay unmatched."""
+    from dndetr.criterion import SetCriterion
+
+    loss = LossConfig(class_loss=class_loss, giou_eps=0.0)
+    criterion = SetCriterion(HungarianMatcher(MatcherConfig(), loss), num_classes=5, cfg=loss)
+    layers = layer_outputs(num_layers=3, batch=3, queries=7, classes=6 if class_loss == "ce" else 5)
+    targets = boxes_and_labels(counts, classes=5)
+    indices = criterion.matcher.match_layers(layers, targets)
+    together = criterion.layers_matching_losses(layers, targets, 4.0, indices)
+    assert len(together) == 3
+    for out, layer_indices, values in zip(layers, indices, together):
+        if class_loss == "stable":
+            alone = criterion.layers_matching_losses([out], targets, 4.0, [layer_indices])[0]
+        else:
+            alone = reference_layer_losses(criterion, out, targets, layer_indices, 4.0)
+        assert sorted(values) == ["loss_bbox", "loss_ce", "loss_giou"]
+        for term, value in values.items():
+            assert value.shape == () and torch.allclose(value, alone[term], rtol=1e-5, atol=1e-6), term
+    if class_loss == "stable" and sum(counts):  # the one-layer form against a layer of its own, rescaled alone
+        first = criterion.layers_matching_losses(layers[:1], targets, 4.0, indices[:1])[0]["loss_ce"]
+        assert torch.allclose(together[0]["loss_ce"], first) and not torch.allclose(together[1]["loss_ce"], first)
+
+
 def test_bench_dn_runs_and_times_the_plugin_step(tmp_path):
     """benchmarks/bench_dn.py on a tiny input: it must find the DN plug-in's functions it times (it once patched
     a module they had left) and report every group count."""

@@ -172,17 +172,20 @@ class Denoising(QueryPlugin):
         meta, weights = block.meta, criterion.fixed_target_weights
         positive = meta["positive"]
         num_dn = int(positive.sum())
+        supervised = layer_suffixes(block.logits.shape[0], num_layers)
+        first = supervised[0][0]
+        if num_dn == 0:  # keep the DN branch in the graph so every parameter gets a (zero) gradient
+            zero = block.logits[first:].sum() * 0 + block.boxes[first:].sum() * 0
+            values = {term: zero.expand(len(supervised)) for term in weights}
+        else:  # every supervised layer at once: [L, N] slots
+            logits = block.logits[first:, meta["image"], meta["slot"]]
+            boxes = block.boxes[first:, meta["image"], meta["slot"]][:, positive]
+            target_boxes = meta["boxes"][positive].expand_as(boxes)
+            l1, giou = criterion.box_losses(boxes, target_boxes, num_dn)
+            labels = meta["labels"].expand(len(supervised), -1)
+            values = {"loss_ce": criterion.class_loss(logits, labels, num_dn), "loss_bbox": l1, "loss_giou": giou}
         terms = {}
-        for layer, suffix in layer_suffixes(block.logits.shape[0], num_layers):
-            if num_dn == 0:  # keep the DN branch in the graph so every parameter gets a (zero) gradient
-                zero = block.logits[layer].sum() * 0 + block.boxes[layer].sum() * 0
-                values = {term: zero for term in weights}
-            else:
-                logits = block.logits[layer][meta["image"], meta["slot"]]
-                boxes = block.boxes[layer][meta["image"], meta["slot"]]
-                l1, giou = criterion.box_losses(boxes[positive], meta["boxes"][positive], num_dn)
-                values = {"loss_ce": criterion.class_loss(logits[None], meta["labels"][None], num_dn),
-                          "loss_bbox": l1, "loss_giou": giou}
-            terms.update({term + suffix: value * weights[term] * self.cfg.loss_weight
+        for index, (_, suffix) in enumerate(supervised):
+            terms.update({term + suffix: value[index] * weights[term] * self.cfg.loss_weight
                           for term, value in values.items()})
         return terms
