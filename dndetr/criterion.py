@@ -7,6 +7,7 @@ CE models use a weighted mean over queries with the no-object class down-weighte
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Dict, List
 
@@ -74,7 +75,7 @@ class SetCriterion(nn.Module):
         logits = torch.stack([out["pred_logits"] for out in layers])
         boxes = torch.stack([out["pred_boxes"] for out in layers])
         device = logits.device
-        first_target = torch.tensor([0] + [len(t["labels"]) for t in targets[:-1]]).cumsum(0).tolist()
+        first_target = [0, *itertools.accumulate(len(t["labels"]) for t in targets[:-1])]
         image = torch.stack([torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(ix)]) for ix in indices])
         query = torch.stack([torch.cat([q for q, _ in ix]) for ix in indices])
         target = torch.stack([torch.cat([j + first_target[b] for b, (_, j) in enumerate(ix)]) for ix in indices])
